@@ -1,0 +1,1 @@
+"""GAIA: APUS consensus for unmodified servers, TRIPOD cluster management, and VM sync."""
