@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from invoke import Collection, Context, task
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
 
 
 @task
