@@ -37,6 +37,8 @@ _VOTE = struct.Struct("<QQQQQQII")
 _ENTRY = struct.Struct("<QQQQQQII")
 _TRAILER = struct.Struct("<II")
 
+_KINDS = tuple(EntryKind)  # indexing beats EntryKind(k) on the read path
+
 VOTE_REQUEST = 1
 VOTE_GRANT = 2
 PREVOTE_REQUEST = 3  # "would you vote for me in view v?": changes nobody's state
@@ -110,6 +112,15 @@ class Layout:
         self.size = self.log_base + cfg.slots * cfg.slot_size
         self.max_payload = cfg.slot_size - _ENTRY.size - _TRAILER.size
 
+    # -- cheap change detection: a record's trailer (CRC + seal) changes whenever it does --
+    @staticmethod
+    def header_trailer(mem: memoryview) -> bytes:
+        return bytes(mem[_HEADER.size - 8 : _HEADER.size])
+
+    def ack_trailer(self, mem: memoryview, replica: int) -> bytes:
+        end = self.ack_offset(replica) + _ACK.size
+        return bytes(mem[end - 8 : end])
+
     # -- offsets --
     def ack_offset(self, replica: int) -> int:
         return self.ack_base + RECORD * replica
@@ -168,7 +179,9 @@ class Layout:
         holds instead if that is another (an older lap, or a write from ahead), None if nothing
         complete is there."""
         off = self.slot_offset(index)
-        length = _ENTRY.unpack_from(mem, off)[7]
+        idx, *_, length = _ENTRY.unpack_from(mem, off)
+        if idx != index:  # not arrived yet (an older lap, or nothing): skip the checksum
+            return None if idx == 0 else int(idx)
         if length > self.max_payload:
             return None
         end = off + _ENTRY.size + length
@@ -184,5 +197,5 @@ class Layout:
             return None
         if idx != index:
             return int(idx)
-        entry = Entry(idx, view, EntryKind(kind), conn, raw[_ENTRY.size : _ENTRY.size + length])
+        entry = Entry(idx, view, _KINDS[kind], conn, raw[_ENTRY.size : _ENTRY.size + length])
         return SlotEntry(entry, prev_view, writer_view, commit)

@@ -123,6 +123,7 @@ class Replica:
         self._verified = self.commit  # log prefix known to equal the current view's leader's
         self._leader_commit = 0
         self._header_seen: Header | None = None
+        self._header_trailer = b""
         self._rewind_seen: tuple[int, int] = (-1, -1)
         self._reject_seq = 0
         self._hint = 0
@@ -151,6 +152,7 @@ class Replica:
         self._progress_tick: dict[int, int] = {}
         self._alive_tick: dict[int, int] = {}
         self._echo_seen: dict[int, int] = {}
+        self._ack_trailer: dict[int, bytes] = {}
         self._reject_seen: dict[int, int] = {}
         self._snapshot_sent: dict[int, int] = {}
         self._heartbeat = 0
@@ -294,6 +296,17 @@ class Replica:
         entries: tuple[Entry, ...] = (),
     ) -> int:
         self._seq += 1
+        last = self._actions[-1] if self._actions else None
+        if (
+            entries
+            and isinstance(last, Persist)
+            and last.seq == self._seq - 1
+            and not (hard_state or snapshot or truncate_after is not None)
+        ):
+            # group commit: appends made in one step share one disk write (and one fsync)
+            self._actions[-1] = last._replace(seq=self._seq, entries=last.entries + entries)
+            self._pending_persist[-1] = [self._seq, self.last_index]
+            return self._seq
         self._actions.append(Persist(self._seq, hard_state, snapshot, truncate_after, entries))
         self._pending_persist.append([self._seq, self.last_index])
         return self._seq
@@ -350,11 +363,11 @@ class Replica:
 
     def _become_follower(self, view: int, leader: int | None) -> None:
         was = (self.role, self.view, self.leader)
+        if was != (FOLLOWER, view, leader):
+            self._verified = self.commit  # a committed prefix matches every leader's log
         if view > self.view:
             self.view, self.voted_for = view, None
             self._save_hard_state()
-        if (view, leader) != (self.view, self.leader) or self.role != FOLLOWER:
-            self._verified = self.commit  # a committed prefix matches every leader's log
         self.role, self.leader = FOLLOWER, leader
         self._votes.clear()
         self._campaign_after = None
@@ -571,7 +584,12 @@ class Replica:
         for peer in self.members:
             if peer == self.id:
                 continue
+            trailer = self.layout.ack_trailer(self.mem, peer)
+            if trailer == self._ack_trailer.get(peer):
+                continue
             ack = self.layout.read_ack(self.mem, peer)
+            if ack is not None:
+                self._ack_trailer[peer] = trailer
             if ack is not None and ack.view > self.view:
                 self._become_follower(ack.view, None)
                 return
@@ -636,8 +654,14 @@ class Replica:
     # ------------------------------------------------------------------ follower
     def _read_header(self) -> bool:
         """Follow the leader whose header (heartbeat) is new; True if there was one."""
+        trailer = Layout.header_trailer(self.mem)
+        if trailer == self._header_trailer:
+            return False
         h = Layout.read_header(self.mem)
-        if h is None or h == self._header_seen:
+        if h is None:
+            return False  # torn: look again next time (only a complete record is remembered)
+        self._header_trailer = trailer
+        if h == self._header_seen:
             return False
         self._header_seen = h
         if h.leader is None or (h.view == self.view and self.role == LEADER):
