@@ -174,14 +174,13 @@ class Layout:
         crc = zlib.crc32(body)
         return body + _TRAILER.pack(crc, (e.index & 0xFFFF_FFFF) ^ _SEAL_MAGIC)
 
-    def read_slot(self, mem: memoryview, index: int) -> SlotEntry | int | None:
-        """The entry in `index`'s slot: a SlotEntry if the slot holds `index`, the index it
-        holds instead if that is another (an older lap, or a write from ahead), None if nothing
-        complete is there."""
+    def read_slot(self, mem: memoryview, index: int) -> SlotEntry | None:
+        """The entry `index` if its slot holds it, complete; None otherwise (nothing yet, an
+        older lap of the ring, or a write still arriving)."""
         off = self.slot_offset(index)
         idx, *_, length = _ENTRY.unpack_from(mem, off)
         if idx != index:  # not arrived yet (an older lap, or nothing): skip the checksum
-            return None if idx == 0 else int(idx)
+            return None
         if length > self.max_payload:
             return None
         end = off + _ENTRY.size + length
@@ -192,10 +191,7 @@ class Layout:
             n != length
             or seal != (idx & 0xFFFF_FFFF) ^ _SEAL_MAGIC
             or zlib.crc32(raw[: _ENTRY.size + length]) != crc
-            or idx == 0
         ):
             return None
-        if idx != index:
-            return int(idx)
         entry = Entry(idx, view, _KINDS[kind], conn, raw[_ENTRY.size : _ENTRY.size + length])
         return SlotEntry(entry, prev_view, writer_view, commit)

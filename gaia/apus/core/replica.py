@@ -693,7 +693,7 @@ class Replica:
         while True:
             i = self._read_ptr
             found = self.layout.read_slot(self.mem, i)
-            if found is None or isinstance(found, int):
+            if found is None:
                 break
             if found.writer_view != self.view:
                 break  # stale (an old leader's) or from a view we have not joined yet
