@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.tasks import task
+
+from gaia import provision
+
+if TYPE_CHECKING:  # the experiment tasks import gaia's plotting stack only when they run
+    from rich.console import Console
+
+    from gaia.experiments.reproduce import Outcome
 
 
 @task
@@ -20,6 +29,7 @@ def lint(c: Context) -> None:
 def test(c: Context, k: str = "", fast: bool = False) -> None:
     """The test suite, as CI runs it: lint, then pytest (exit code 5, no tests, is a failure)."""
     lint(c)
+    provision.ensure(provision.TEST_ROLES)
     args = ["python", "-m", "pytest", "-q"]
     if k:
         args += ["-k", repr(k)]
@@ -33,4 +43,100 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
         sys.exit(code)
 
 
-ns = Collection(lint, test)
+@task(
+    help={
+        "only": f"comma-separated roles among {', '.join(provision.ROLES)} (default: all but"
+        " mongodb, which Debian lacks; all of them with --inventory or --force)",
+        "inventory": "an Ansible inventory, e.g. playbooks/inventory/cloudlab.yml (default: here)",
+        "force": "run the playbook even for roles that look installed",
+    }
+)
+def setup(c: Context, only: str = "", inventory: str = "", force: bool = False) -> None:
+    """Install what GAIA needs, with playbooks/provision.yml through ansible-runner.
+
+    Locally it runs only the roles that are missing (a no-op when all are there), unless --force.
+    """
+    roles = [role.strip() for role in only.split(",") if role.strip()]
+    try:
+        outcome = provision.setup(roles, Path(inventory) if inventory else None, force)
+    except provision.ProvisionError as error:
+        sys.exit(f"gaia setup failed: {error}")
+    if outcome is None:
+        print("gaia setup: everything is already installed (--force runs the playbook anyway)")
+    else:
+        print(
+            f"gaia setup: {', '.join(outcome.roles)} provisioned in {outcome.seconds:.1f} s"
+            f" ({outcome.changed} changes)"
+        )
+
+
+@task(
+    help={
+        "exp": "experiment name (a file in experiments/), or 'all'",
+        "quick": "the definition's reduced sweep (a few minutes on a 2-core laptop)",
+        "target": "where to run (local)",
+        "trials": "repetitions per point (default: the definition's)",
+        "systems": "comma-separated curves or systems to run (default: all of the definition's)",
+    }
+)
+def reproduce(
+    c: Context,
+    exp: str,
+    *,
+    quick: bool = False,
+    target: str = "local",
+    trials: int = 0,
+    systems: str = "",
+) -> None:
+    """Run an experiment, draw its figure, update paper_figures/REPORT.md, print the results."""
+    from rich.console import Console
+
+    from gaia.experiments.errors import ExperimentError, RunInterrupted
+    from gaia.experiments.reproduce import reproduce as run_experiments
+
+    console = Console()
+    try:
+        outcomes = run_experiments(
+            exp,
+            quick=quick,
+            trials=trials or None,
+            target=target,
+            systems=[s.strip() for s in systems.split(",") if s.strip()],
+            console=console,
+        )
+    except ExperimentError as error:
+        console.print(f"[bold red]gaia reproduce:[/] {error}", highlight=False)
+        sys.exit(130 if isinstance(error, RunInterrupted) else 2)
+    _print_outcomes(console, outcomes)
+
+
+@task(
+    help={
+        "exp": "experiment name, or 'all' (default)",
+        "run": "a run directory to report instead of each experiment's latest complete run",
+    }
+)
+def report(c: Context, exp: str = "all", run: str = "") -> None:
+    """Redraw figures and REPORT.md sections from results/ (each experiment's latest run)."""
+    from rich.console import Console
+
+    from gaia.experiments.reproduce import republish
+
+    console = Console()
+    outcomes = republish(exp, Path(run) if run else None)
+    if not outcomes:
+        sys.exit(f"gaia report: no complete runs of {exp!r} under results/")
+    _print_outcomes(console, outcomes)
+
+
+def _print_outcomes(console: Console, outcomes: list[Outcome]) -> None:
+    from gaia.report import summary_table
+
+    for outcome in outcomes:
+        console.print(summary_table(outcome.run_dir))
+        console.print(f"results: {outcome.run_dir}")
+        console.print(f"figure:  {', '.join(str(p) for p in outcome.figures)}")
+        console.print(f"report:  {outcome.report}")
+
+
+ns = Collection(lint, test, setup, reproduce, report)
