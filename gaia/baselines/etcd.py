@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gaia.baselines._ensemble import GROUP_COMMIT, NO_FSYNC, LocalEnsemble
+from gaia.cluster.ensemble import GROUP_COMMIT, NO_FSYNC, LocalEnsemble
 from gaia.cluster.procs import ManagedProcess, ProcessSpec, free_ports
 from gaia.systems import SystemUnavailable
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from kazoo.client import KazooClient
 
-from gaia.baselines._ensemble import GROUP_COMMIT, NO_FSYNC, LocalEnsemble
+from gaia.cluster.ensemble import GROUP_COMMIT, NO_FSYNC, LocalEnsemble
 from gaia.cluster.procs import ManagedProcess, ProcessSpec, free_ports
 from gaia.systems import SystemUnavailable
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gaia.baselines._ensemble import LocalEnsemble
+from gaia.cluster.ensemble import LocalEnsemble
 from gaia.cluster.procs import ManagedProcess, ProcessSpec, live_group_members
 
 

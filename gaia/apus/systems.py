@@ -1,0 +1,138 @@
+"""APUS as a system under test: N replica daemons on this host (shm or tcp transport).
+
+The same life cycle as the baselines (gaia.cluster.ensemble): a cluster file in the log
+directory, one `python -m gaia.apus.replica` per member, ready once every replica answers
+STATUS and all follow one leader; clients go to that leader. Shared-memory files are removed
+on stop, even after a crash.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import Mapping
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gaia.apus.client import ApusClient, replica_status
+from gaia.apus.config import ClusterConfig, Member, Timing
+from gaia.apus.storage import check_durability
+from gaia.cluster.ensemble import LocalEnsemble
+from gaia.cluster.procs import ManagedProcess, ProcessSpec, free_ports
+from gaia.transport.shm import cleanup_shm
+
+
+class ApusCluster(LocalEnsemble):
+    def __init__(
+        self,
+        replicas: int,
+        log_dir: Path,
+        *,
+        transport: str,
+        durability: str = "memory",
+        data_root: Path | None = None,
+        start_timeout: float = 30.0,
+        timing: Timing | None = None,
+    ) -> None:
+        super().__init__(replicas, log_dir, data_root=data_root, start_timeout=start_timeout)
+        self.name = f"apus-{transport}"
+        self.transport = transport
+        self.durability = check_durability(durability)
+        self.timing = timing or Timing()
+        self.cluster_id = f"apus{secrets.token_hex(4)}"
+        self.config: ClusterConfig | None = None
+
+    @property
+    def addresses(self) -> dict[int, tuple[str, int]]:
+        assert self.config is not None, "not started"
+        return {i: (m.host, m.client_port) for i, m in self.config.members.items()}
+
+    def _server_specs(self, data_root: Path) -> list[ProcessSpec]:
+        ports = free_ports(2 * self.replicas)
+        self.config = ClusterConfig(
+            cluster_id=self.cluster_id,
+            transport=self.transport,
+            durability=self.durability,
+            data_dir=data_root,
+            members={
+                i: Member("127.0.0.1", ports[2 * i], ports[2 * i + 1]) for i in range(self.replicas)
+            },
+            key=secrets.token_hex(16),
+            timing=self.timing,
+        )
+        path = self.log_dir / "cluster.json"
+        self.config.save(path)
+        return [
+            ProcessSpec(
+                f"replica{i}",
+                (sys.executable, "-m", "gaia.apus.replica", "--config", str(path), "--id", str(i)),
+            )
+            for i in range(self.replicas)
+        ]
+
+    def statuses(self) -> dict[int, dict[str, Any] | None]:
+        """Each replica's STATUS, None for one that does not answer."""
+        out: dict[int, dict[str, Any] | None] = {}
+        for i, address in self.addresses.items():
+            try:
+                out[i] = replica_status(address)
+            except OSError:
+                out[i] = None
+        return out
+
+    def leader(self) -> int | None:
+        """The replica every live one follows, if they agree on one."""
+        live = [s for s in self.statuses().values() if s is not None]
+        leaders = {(s["view"], s["leader"]) for s in live}
+        if len(leaders) == 1:
+            (_, leader), *_ = leaders
+            return None if leader is None else int(leader)
+        return None
+
+    def _not_ready(self) -> list[ManagedProcess]:
+        statuses = self.statuses()
+        if any(s is None for s in statuses.values()) or self.leader() is None:
+            return [self.servers[i] for i, s in statuses.items() if s is None] or self.servers
+        return []
+
+    def restart(self, index: int) -> None:
+        """Fault recovery: start replica `index` again (after `kill`) from its own log; its
+        output goes to replicaN.K.* beside the earlier incarnations'."""
+        if self._group is None or self.servers[index].running():
+            raise RuntimeError(f"replica {index} is not down")
+        spec = self.servers[index].spec
+        incarnation = sum(p.spec.argv == spec.argv for p in self._group.processes) + 1
+        self.servers[index] = self._group.launch(
+            replace(spec, name=f"replica{index}.{incarnation}")
+        )
+
+    def client(self, first: int | None = None) -> ApusClient:
+        return ApusClient(self.addresses, first=self.leader() if first is None else first)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            if self.transport == "shm":
+                cleanup_shm(self.cluster_id)
+
+    def _details(self) -> Mapping[str, Any]:
+        return {
+            "transport": self.transport,
+            "durability": self.durability,
+            "tick_ms": self.timing.tick_ms,
+            "election_ticks": self.timing.election_ticks,
+            "python": sys.version.split()[0],
+        }
+
+
+SYSTEMS: Mapping[str, Any] = MappingProxyType(
+    {
+        "apus-shm": partial(ApusCluster, transport="shm"),
+        "apus-tcp": partial(ApusCluster, transport="tcp"),
+        "apus-rdma": partial(ApusCluster, transport="rdma"),
+    }
+)
