@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,37 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
         print("pytest collected no tests: that is a failure here", file=sys.stderr)
     if code != 0:
         sys.exit(code)
+
+
+@task(
+    help={
+        "k": "only rdma tests also matching this pytest -k expression",
+        "log": "where to write the guest's console (default: ~/.cache/gaia/softroce/console.log)",
+    }
+)
+def test_rdma(c: Context, k: str = "", log: str = "") -> None:
+    """The Soft-RoCE lane: the rdma transport and APUS over rdma against a real verbs device
+    (rxe0) in a QEMU guest. Minutes, not part of `invoke test`; installs what it needs."""
+    from gaia.softroce.image import ImageError
+    from gaia.softroce.lane import run_lane
+
+    provision.ensure(["softroce", "rdma"])
+    started = time.monotonic()
+    try:
+        image, outcome = run_lane(provision.ROOT, k=k, log=Path(log) if log else None)
+    except ImageError as error:
+        sys.exit(f"gaia test-rdma: could not build the guest image: {error}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    verdict = "passed" if outcome.passed else f"FAILED: {outcome.why}"
+    print(
+        f"gaia test-rdma: {verdict}\n"
+        f"  image {'built' if image.built else 'cached'} in {image.seconds:.1f} s, guest run"
+        f" {outcome.seconds:.1f} s, total {time.monotonic() - started:.1f} s\n"
+        f"  console log: {outcome.log}"
+    )
+    if not outcome.passed:
+        sys.exit(outcome.status or 1)
 
 
 @task(
@@ -139,4 +171,53 @@ def _print_outcomes(console: Console, outcomes: list[Outcome]) -> None:
         console.print(f"report:  {outcome.report}")
 
 
-ns = Collection(lint, test, setup, reproduce, report)
+@task(
+    name="up",
+    help={
+        "replicas": "how many replicas (1-9)",
+        "transport": "shm (default) or tcp",
+        "durability": "memory (default), fsync, group-commit or no-fsync",
+    },
+)
+def cluster_up(
+    c: Context, replicas: int = 3, transport: str = "shm", durability: str = "memory"
+) -> None:
+    """Start a local APUS cluster that keeps running until cluster.down."""
+    from gaia.cluster import local
+
+    state = local.up(replicas, transport, durability)
+    print(f"{state['system']} with {replicas} replicas is up ({state['isolation']})")
+    for rid, (host, port) in state["clients"].items():
+        print(f"  replica {rid}: clients at {host}:{port}")
+    print(f"logs: {state['logs']}; invoke cluster.status --json shows the leader")
+
+
+@task(name="status", help={"json": "print the whole state as JSON"})
+def cluster_status(c: Context, json: bool = False) -> None:
+    """Who leads, and each replica's role, view, commit index and timings."""
+    import json as json_module
+
+    from gaia.cluster import local
+
+    state = local.status()
+    if json:
+        print(json_module.dumps(state, indent=2))
+        return
+    print(f"{state['system']}: leader {state['leader']} at {state['leader_address']}")
+    for rid, r in sorted(state["replicas"].items()):
+        if "down" in r:
+            print(f"  replica {rid}: down ({r['down']})")
+        else:
+            print(f"  replica {rid}: {r['role']}, view {r['view']}, commit {r['commit']}")
+
+
+@task(name="down")
+def cluster_down(c: Context) -> None:
+    """Stop the local cluster and remove its shared memory."""
+    from gaia.cluster import local
+
+    print("stopped" if local.down() else "no cluster was up")
+
+
+cluster = Collection("cluster", cluster_up, cluster_status, cluster_down)
+ns = Collection(lint, test, test_rdma, setup, reproduce, report, cluster)
