@@ -51,8 +51,9 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     }
 )
 def test_rdma(c: Context, k: str = "", log: str = "") -> None:
-    """The Soft-RoCE lane: the rdma transport and APUS over rdma against a real verbs device
-    (rxe0) in a QEMU guest. Minutes, not part of `invoke test`; installs what it needs."""
+    """The Soft-RoCE lane: rdma transport and APUS-over-rdma tests on rxe0 in a QEMU guest.
+
+    Takes minutes and is not part of `invoke test`; installs what it needs (softroce role)."""
     from gaia.softroce.image import ImageError
     from gaia.softroce.lane import run_lane
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import sysconfig
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -57,7 +58,8 @@ ROLES: tuple[str, ...] = tuple(_PROOF)
 # softroce (QEMU and a guest kernel, hundreds of MB) is installed only when its lane runs.
 LOCAL_ROLES: tuple[str, ...] = tuple(role for role in ROLES if role not in {"mongodb", "softroce"})
 # What the test suite's integration tests start: `invoke test` ensures these first.
-TEST_ROLES: tuple[str, ...] = ("common", "redis", "memcached", "zookeeper", "etcd")
+# rdma gives the tests pyverbs (no device: they check that the rdma transport says so).
+TEST_ROLES: tuple[str, ...] = ("common", "redis", "memcached", "zookeeper", "etcd", "rdma")
 
 # Where to look for commands besides PATH: sbin directories are missing from some users' PATH,
 # and a role counts as installed whoever asks.
@@ -150,13 +152,51 @@ def ensure(roles: Iterable[str], quiet: bool = False) -> Outcome | None:
     """
     todo = missing(roles)
     if not todo:
+        link_system_pyverbs()
         return None
     outcome = provision(todo, quiet=quiet)
     still = {role: _absent(role) for role in missing(todo)}
     if still:
         lacking = "; ".join(f"{role}: {', '.join(proofs)}" for role, proofs in still.items())
         raise ProvisionError(f"still missing after provisioning: {lacking}")
+    link_system_pyverbs()
     return outcome
+
+
+SYSTEM_PYVERBS = Path("/usr/lib/python3/dist-packages/pyverbs")
+_PYVERBS_DIR = "gaia-system-pyverbs"
+
+
+def link_system_pyverbs(site: Path | None = None, system: Path = SYSTEM_PYVERBS) -> Path | None:
+    """Make Debian's pyverbs (python3-pyverbs, from the rdma role) importable in this venv.
+
+    PyPI's pyverbs does not build against Debian's libibverbs, so the rdma transport uses
+    Debian's build: `site`/gaia-system-pyverbs.pth adds a directory that holds only a link to
+    it (adding all of dist-packages would shadow missing venv dependencies with Debian's
+    copies). Done only when this interpreter can load its extension modules (same CPython
+    ABI) and, by default, only inside a venv. Idempotent and cheap: `ensure` runs it every
+    time. Returns the .pth file when the link is in place, else None.
+    """
+    if site is None:
+        if sys.prefix == sys.base_prefix:
+            return None  # the system interpreter sees dist-packages already
+        site = Path(sysconfig.get_path("purelib"))
+    suffix = str(sysconfig.get_config_var("EXT_SUFFIX"))
+    try:
+        loadable = any(path.name.endswith(suffix) for path in system.iterdir())
+    except OSError:
+        return None
+    if not loadable:
+        return None
+    link = site / _PYVERBS_DIR / "pyverbs"
+    if not link.is_symlink() or link.readlink() != system:
+        link.parent.mkdir(exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(system, target_is_directory=True)
+    pth = site / f"{_PYVERBS_DIR}.pth"
+    if not pth.exists():
+        pth.write_text(f"{_PYVERBS_DIR}\n")
+    return pth
 
 
 def setup(

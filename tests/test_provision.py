@@ -197,3 +197,20 @@ def test_a_failing_task_is_reported_with_its_name_and_message(tmp_path: Path) ->
     assert "localhost: task 'Gathering Facts' failed" in message
     assert "/nonexistent/python3" in message
     assert "full log:" in message
+
+
+def test_system_pyverbs_is_linked_into_a_site_directory_once(tmp_path: Path) -> None:
+    system = tmp_path / "dist-packages" / "pyverbs"
+    system.mkdir(parents=True)
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    assert provision.link_system_pyverbs(site, system) is None, "no extension modules yet"
+    (system / f"device{sysconfig.get_config_var('EXT_SUFFIX')}").touch()
+    pth = provision.link_system_pyverbs(site, system)
+    assert pth == site / "gaia-system-pyverbs.pth"
+    linked = site / pth.read_text().strip() / "pyverbs"
+    assert linked.resolve() == system.resolve()
+    before = sorted(p.name for p in site.rglob("*"))
+    assert provision.link_system_pyverbs(site, system) == pth
+    assert sorted(p.name for p in site.rglob("*")) == before
+    assert provision.link_system_pyverbs(site, tmp_path / "absent") is None
