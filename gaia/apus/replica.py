@@ -81,7 +81,8 @@ class ReplicaDaemon:
             config.transport, replica_id, Layout(core_cfg).size, config.spec()
         )
         self.core = Replica(core_cfg, self.transport.region, recovered)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the core and the pending inputs
+        self.io_lock = threading.Lock()  # one thread at a time carries out actions, in order
         self.stopping = threading.Event()
         self.pending: dict[int, Pending] = {}
         self.timings: deque[tuple[float, float, float]] = deque(maxlen=200_000)
@@ -96,27 +97,39 @@ class ReplicaDaemon:
         )
 
     # ------------------------------------------------------------------ core plumbing
-    def _drain(self) -> None:
-        """Carry out the core's actions (lock held) until it has none left."""
-        while actions := self.core.ready():
-            persists: list[Persist] = []
-            for a in actions:
-                match a:
-                    case RemoteWrite():
-                        self.transport.write(a.peer, a.offset, a.data)
-                    case Persist():
-                        persists.append(a)
-                    case Apply():
-                        self._apply(a.entries)
-                    case RoleChange():
-                        log.info("replica %d: %s in view %d (leader %s)", self.id, *a)
-                    case SendSnapshot():
-                        log.warning("replica %d: peer %d needs a snapshot", self.id, a.peer)
-                    case OutputDecision():
-                        log.info("replica %d: output check %s", self.id, a)
-            if persists:
-                self.store.write(persists)
-                self.core.persist_done(persists[-1].seq)
+    def _pump(self) -> None:
+        """Carry out the core's actions until it has none left.
+
+        One thread at a time does the I/O (writes into peers' regions, the log write and its
+        fsync), and it does it without holding the core lock: other clients keep proposing
+        meanwhile, and the next round carries all their inputs in one Persist, one fsync
+        (group commit) and one write per backup each."""
+        with self.io_lock:
+            while True:
+                with self.lock:
+                    actions = self.core.ready()
+                    for a in actions:
+                        if isinstance(a, Apply):
+                            self._apply(a.entries)
+                if not actions:
+                    return
+                persists: list[Persist] = []
+                for a in actions:
+                    match a:
+                        case RemoteWrite():
+                            self.transport.write(a.peer, a.offset, a.data)
+                        case Persist():
+                            persists.append(a)
+                        case RoleChange():
+                            log.info("replica %d: %s in view %d (leader %s)", self.id, *a)
+                        case SendSnapshot():
+                            log.warning("replica %d: peer %d needs a snapshot", self.id, a.peer)
+                        case OutputDecision():
+                            log.info("replica %d: output check %s", self.id, a)
+                if persists:
+                    self.store.write(persists)
+                    with self.lock:
+                        self.core.persist_done(persists[-1].seq)
 
     def _apply(self, entries: tuple[Entry, ...]) -> None:
         now = time.perf_counter()
@@ -161,10 +174,10 @@ class ReplicaDaemon:
                     if now >= next_tick:
                         self.core.tick()
                         next_tick = max(next_tick + tick, now - 5 * tick)
-                    self._drain()
+                self._pump()
         finally:
             server.close()
-            with self.lock:
+            with self.io_lock, self.lock:
                 self.transport.close()
                 self.store.close()
 
@@ -215,12 +228,12 @@ class ReplicaDaemon:
                     index = 0
                 if index:
                     p = self.pending[index] = Pending(self.core.view, t0)
-                    self._drain()
-                    p.stored = time.perf_counter()
                     break
             if time.monotonic() > deadline:
                 return response(Status.ERROR, rid, 0, b"backpressure: log full for 10 s")
             time.sleep(0.0002)
+        self._pump()
+        p.stored = time.perf_counter()
         if not p.done.wait(max(0.0, deadline - time.monotonic())):
             with self.lock:
                 self.pending.pop(index, None)
