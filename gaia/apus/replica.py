@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +57,16 @@ SUBMIT_TIMEOUT_S = 10.0
 
 @dataclass
 class Pending:
-    """An input this replica proposed, waiting to be applied."""
+    """An input this replica proposed, waiting to be applied; whoever applies it answers the
+    client at once on `conn` (no hand-off back to the client's thread)."""
 
     view: int
     proposed: float
+    conn: socket.socket
+    rid: int
+    deadline: float
     stored: float = 0.0
     first_ack: float = 0.0
-    committed: float = 0.0
-    ok: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class ReplicaDaemon:
@@ -85,6 +86,7 @@ class ReplicaDaemon:
         self.io_lock = threading.Lock()  # one thread at a time carries out actions, in order
         self.stopping = threading.Event()
         self.pending: dict[int, Pending] = {}
+        self._replies: list[tuple[socket.socket, bytes]] = []
         self.timings: deque[tuple[float, float, float]] = deque(maxlen=200_000)
         self.applied_entries = 0
         log.info(
@@ -112,7 +114,7 @@ class ReplicaDaemon:
                         if isinstance(a, Apply):
                             self._apply(a.entries)
                 if not actions:
-                    return
+                    break
                 persists: list[Persist] = []
                 for a in actions:
                     match a:
@@ -130,20 +132,42 @@ class ReplicaDaemon:
                     self.store.write(persists)
                     with self.lock:
                         self.core.persist_done(persists[-1].seq)
+        self._send_replies()
 
     def _apply(self, entries: tuple[Entry, ...]) -> None:
+        """Committed entries (lock held): answer the clients waiting for them."""
         now = time.perf_counter()
         for e in entries:
             self.applied_entries += 1
             p = self.pending.pop(e.index, None)
-            if p is not None:
-                p.ok = e.view == p.view
-                p.committed = now
-                if p.ok:
-                    self.timings.append(
-                        (p.stored - p.proposed, p.first_ack - p.proposed, now - p.proposed)
-                    )
-                p.done.set()
+            if p is None:
+                continue
+            if e.view != p.view:  # another leader's entry took this index: ours was lost
+                self._replies.append((p.conn, response(Status.RETRY, p.rid, e.index)))
+                continue
+            stored = p.stored or now
+            first_ack = p.first_ack or now
+            self.timings.append((stored - p.proposed, first_ack - p.proposed, now - p.proposed))
+            self._replies.append((p.conn, response(Status.OK, p.rid, e.index)))
+
+    def _expire(self) -> None:
+        """Inputs not committed in time (lock held) are answered RETRY."""
+        now = time.monotonic()
+        while self.pending:
+            index, p = next(iter(self.pending.items()))
+            if p.deadline > now:
+                return
+            del self.pending[index]
+            self._replies.append((p.conn, response(Status.RETRY, p.rid, index, b"timed out")))
+
+    def _send_replies(self) -> None:
+        with self.lock:
+            replies, self._replies = self._replies, []
+        for conn, data in replies:
+            try:
+                conn.sendall(data)
+            except OSError as e:  # the client went away; its input is agreed all the same
+                log.info("replica %d: could not answer a client: %s", self.id, e)
 
     def _note_first_acks(self) -> None:
         if self.core.role != LEADER or not self.pending:
@@ -173,6 +197,7 @@ class ReplicaDaemon:
                     now = time.monotonic()
                     if now >= next_tick:
                         self.core.tick()
+                        self._expire()
                         next_tick = max(next_tick + tick, now - 5 * tick)
                 self._pump()
         finally:
@@ -206,13 +231,15 @@ class ReplicaDaemon:
                         conn.sendall(
                             response(Status.OK, rid, 0, json.dumps(self.status()).encode())
                         )
-                    else:
-                        conn.sendall(self._submit(rid, body))
+                    elif (refusal := self._submit(conn, rid, body)) is not None:
+                        conn.sendall(refusal)
             except (ProtocolError, OSError) as e:
                 if not isinstance(e, ProtocolError) or "closed" not in str(e):
                     log.warning("replica %d: dropping a client: %s", self.id, e)
 
-    def _submit(self, rid: int, payload: bytes) -> bytes:
+    def _submit(self, conn: socket.socket, rid: int, payload: bytes) -> bytes | None:
+        """Propose `payload`; None once it is on its way (the applier will answer), else the
+        refusal to send back."""
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
             with self.lock:
@@ -227,18 +254,15 @@ class ReplicaDaemon:
                 except Backpressure:
                     index = 0
                 if index:
-                    p = self.pending[index] = Pending(self.core.view, t0)
+                    p = Pending(self.core.view, t0, conn, rid, deadline)
+                    self.pending[index] = p
                     break
             if time.monotonic() > deadline:
                 return response(Status.ERROR, rid, 0, b"backpressure: log full for 10 s")
             time.sleep(0.0002)
         self._pump()
         p.stored = time.perf_counter()
-        if not p.done.wait(max(0.0, deadline - time.monotonic())):
-            with self.lock:
-                self.pending.pop(index, None)
-            return response(Status.RETRY, rid, index, b"not committed within 10 s")
-        return response(Status.OK if p.ok else Status.RETRY, rid, index)
+        return None
 
     def status(self) -> dict[str, Any]:
         with self.lock:
