@@ -47,10 +47,11 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
 @task(
     help={
         "k": "only rdma tests also matching this pytest -k expression",
-        "log": "where to write the guest's console (default: ~/.cache/gaia/softroce/console.log)",
+        "out": "directory for the console log and the tests' files"
+        " (default: ~/.cache/gaia/softroce/last-run)",
     }
 )
-def test_rdma(c: Context, k: str = "", log: str = "") -> None:
+def test_rdma(c: Context, k: str = "", out: str = "") -> None:
     """The Soft-RoCE lane: rdma transport and APUS-over-rdma tests on rxe0 in a QEMU guest.
 
     Takes minutes and is not part of `invoke test`; installs what it needs (softroce role)."""
@@ -60,7 +61,7 @@ def test_rdma(c: Context, k: str = "", log: str = "") -> None:
     provision.ensure(["softroce", "rdma"])
     started = time.monotonic()
     try:
-        image, outcome = run_lane(provision.ROOT, k=k, log=Path(log) if log else None)
+        image, outcome = run_lane(provision.ROOT, k=k, out=Path(out) if out else None)
     except ImageError as error:
         sys.exit(f"gaia test-rdma: could not build the guest image: {error}")
     except KeyboardInterrupt:
@@ -70,7 +71,7 @@ def test_rdma(c: Context, k: str = "", log: str = "") -> None:
         f"gaia test-rdma: {verdict}\n"
         f"  image {'built' if image.built else 'cached'} in {image.seconds:.1f} s, guest run"
         f" {outcome.seconds:.1f} s, total {time.monotonic() - started:.1f} s\n"
-        f"  console log: {outcome.log}"
+        f"  console log: {outcome.log}; the tests' files (replica logs): {outcome.out}/pytest"
     )
     if not outcome.passed:
         sys.exit(outcome.status or 1)

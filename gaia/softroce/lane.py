@@ -3,10 +3,14 @@
 Each run copies the current tree (gaia/, tests/, pyproject.toml; no caches) into a small ext4
 "tree image" with a `.lane/run.sh` that runs the chosen tests, attaches it as the guest's second
 disk, and boots the cached guest image (see `image`) with its root disk in snapshot mode, so a
-run never changes the cache and two runs can share it. The guest console goes to a log file;
-what the tests print is echoed as it comes. The guest's init hands run.sh's exit status to
-QEMU's isa-debug-exit device, which makes QEMU exit with 2 * status + 1: an even exit status
-means the guest never got that far (it crashed, or QEMU failed).
+run never changes the cache and two runs can share it. The guest's init hands run.sh's exit
+status to QEMU's isa-debug-exit device, which makes QEMU exit with 2 * status + 1: an even exit
+status means the guest never got that far (it crashed, or QEMU failed).
+
+What a run leaves in its output directory: console.log (the guest console, echoed from the
+start of the tests on as it comes) and pytest/, the tests' temporary directories (pytest's
+basetemp lives on the tree image and is copied out with debugfs), where each APUS replica's
+command, output and exit status are: what explains a failure that happened in the guest.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ TREE = ("gaia", "tests", "pyproject.toml")
 
 GUEST_TESTS: tuple[str, ...] = ("tests/transport", "tests/apus/test_rdma_cluster.py", "-k", "rdma")
 """The rdma transport's tests (unit, against rxe0, and the behaviour all transports share) and
-3-replica APUS clusters over rdma; in the guest, none of them skips."""
+3-replica APUS clusters over rdma; in the guest only the "no device" check skips."""
+
+GUEST_BASETEMP = ".lane/pytest"
+"""pytest's basetemp in the guest, relative to the tree (so it survives the guest)."""
 
 SETUP_FAILED = 125
 """run.sh's status when the guest could not bring rxe0 up (see image.INIT_SCRIPT)."""
@@ -49,18 +56,23 @@ class GuestSpec:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One lane run: the guest's status (None: no status came back) and where the log is."""
+    """One lane run: the guest's status (None: no status came back) and where its output is."""
 
     status: int | None
-    qemu_exit: int
+    qemu_exit: int | None
+    """None: killed after the timeout"""
     seconds: float
-    log: Path
+    out: Path
     why: str
     """empty when the tests passed; otherwise what went wrong, for the user"""
 
     @property
     def passed(self) -> bool:
         return self.status == 0
+
+    @property
+    def log(self) -> Path:
+        return self.out / "console.log"
 
 
 def selection(k: str = "") -> tuple[str, ...]:
@@ -72,24 +84,24 @@ def selection(k: str = "") -> tuple[str, ...]:
 
 
 def run_lane(
-    source: Path, *, k: str = "", log: Path | None = None, say: Callable[[str], None] = print
+    source: Path, *, k: str = "", out: Path | None = None, say: Callable[[str], None] = print
 ) -> tuple[Image, Outcome]:
     """The whole lane: the guest image (cached, or built now), then one run of the selected
-    tests on a copy of `source`; the console log goes to `log` (default: in the cache)."""
+    tests on a copy of `source`, its output in `out` (default: last-run/ in the cache)."""
     image = ensure_image(current_recipe(), say=say)
     say(
         f"guest image {image.directory} ({'built' if image.built else 'cached'},"
         f" {image.seconds:.1f} s); booting QEMU (TCG) ..."
     )
-    log = log or default_cache() / "console.log"
-    return image, run(image, source, log, tests=selection(k), echo=say)
+    out = out or default_cache() / "last-run"
+    return image, run(image, source, out, tests=selection(k), echo=say)
 
 
 def guest_command(tests: Sequence[str]) -> list[str]:
     """The pytest command line run in the guest (Debian's python3 with its pyverbs)."""
     return [
         "python3", "-m", "pytest", "-p", "no:cacheprovider", "--color=no", "-q", "-rfEs",
-        "--durations=5", *tests,
+        "--durations=5", f"--basetemp={GUEST_BASETEMP}", *tests,
     ]  # fmt: skip
 
 
@@ -145,7 +157,7 @@ def make_tree_image(source: Path, command: Sequence[str], dest: Path) -> None:
             "# Written by gaia/softroce/lane.py for one run of the Soft-RoCE lane.\n"
             f"{shlex.join(command)}\n"
         )
-        size_mb = 64 + 2 * sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) // 2**20
+        size_mb = 256 + 2 * sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) // 2**20
         subprocess.run(
             ["mkfs.ext4", "-q", "-F", "-L", "gaia-tree", "-d", str(tree), str(dest),
              f"{size_mb}M"],
@@ -156,45 +168,55 @@ def make_tree_image(source: Path, command: Sequence[str], dest: Path) -> None:
 def run(
     image: Image,
     source: Path,
-    log: Path,
+    out: Path,
     *,
     tests: Sequence[str] = GUEST_TESTS,
     spec: GuestSpec = GuestSpec(),
     echo: Callable[[str], None] = print,
 ) -> Outcome:
-    """Boot the guest on a copy of `source` and run `tests` there; the console goes to `log`,
-    and its lines from the test run on are passed to `echo` as they arrive."""
+    """Boot the guest on a copy of `source` and run `tests` there; the output directory `out`
+    is emptied first, and the console's lines from the test run on are passed to `echo` as
+    they arrive."""
     start = time.monotonic()
-    log.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="gaia-lane.") as tmp:
         tree_image = Path(tmp) / "tree.img"
         make_tree_image(source, guest_command(tests), tree_image)
-        with open(log, "w") as console:
-            qemu = subprocess.Popen(
-                qemu_command(image, tree_image, spec),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            reader = threading.Thread(target=_tee, args=(qemu, console, echo), daemon=True)
-            reader.start()
-            try:
-                qemu_exit = qemu.wait(spec.timeout)
-            except subprocess.TimeoutExpired:
+        try:
+            qemu_exit = _boot(qemu_command(image, tree_image, spec), out, spec.timeout, echo)
+        finally:
+            subprocess.run(
+                ["debugfs", "-R", f"rdump /{GUEST_BASETEMP} {out}", str(tree_image)],
+                check=False, capture_output=True,
+            )  # fmt: skip
+    if qemu_exit is None:
+        status, why = None, f"the guest did not finish within {spec.timeout:.0f} s (killed)"
+    else:
+        status, why = decode_exit(qemu_exit)
+    return Outcome(status, qemu_exit, time.monotonic() - start, out, why)
+
+
+def _boot(
+    command: list[str], out: Path, timeout: float, echo: Callable[[str], None]
+) -> int | None:
+    """Run QEMU with its console teed to out/console.log; its exit status, None if it had to
+    be killed after `timeout` seconds. Ctrl-C kills it too: no emulator is left behind."""
+    with open(out / "console.log", "w") as console:
+        qemu = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        reader = threading.Thread(target=_tee, args=(qemu, console, echo), daemon=True)
+        reader.start()
+        try:
+            return qemu.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if qemu.poll() is None:
                 qemu.kill()
                 qemu.wait()
-                reader.join(5)
-                return Outcome(
-                    None, -9, time.monotonic() - start, log,
-                    f"the guest did not finish within {spec.timeout:.0f} s (killed; see the log)",
-                )  # fmt: skip
-            except BaseException:  # Ctrl-C: leave no emulator behind
-                qemu.kill()
-                qemu.wait()
-                raise
             reader.join(5)
-    status, why = decode_exit(qemu_exit)
-    return Outcome(status, qemu_exit, time.monotonic() - start, log, why)
 
 
 def _tee(qemu: subprocess.Popen[bytes], console: TextIO, echo: Callable[[str], None]) -> None:

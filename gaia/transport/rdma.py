@@ -7,14 +7,16 @@ MTU, rkey, region address) are exchanged over a `control.PeerLinks` connection, 
 with the cluster key like the tcp transport's; that connection then carries nothing, but its
 closing tells a replica at once that a peer's process died.
 
-A write is posted as up to three WRs on the peer's QP, in order: the body (in chunks of at most
+A write is posted as a chain of WRs on the peer's QP, in order: the body (in chunks of at most
 a quarter of the staging ring), the final 8 bytes (the record's seal), and an increment of my
-counter word in the peer's header page. RC executes and places the WRs of one QP in order
-(every RDMA-based consensus system relies on that); within one WR the spec leaves the byte
-placement order open, so a single WR could make the seal visible before the body: hence the
-body and the seal go separately, the same rule `copy_sealed` follows in memory. The counter is
-what `wait` watches: it scans one word per member instead of the whole region, and a counter
-that moved means everything written before it has landed.
+counter word in the peer's header page. RC executes the WRs of one QP in order and, in
+practice (NICs and rxe alike), places one write's data before the next one's, which
+RDMA-based replication relies on; within one WR, though, the spec leaves the byte placement
+order open, so a single WR could make the seal visible before the body: hence body and seal
+go as two WRs, the rule `copy_sealed` follows in memory. (The consensus core checks every
+record's checksum and seal anyway, so a torn write is never mistaken for a record.) The
+counter is what `wait` watches: it scans one word per member instead of the whole region, and
+a counter that moved means everything written before it has landed.
 
 Sources must be registered memory that stays unchanged until the WR completes, so each write
 is copied into a per-peer staging ring (a second MR). Only every `signal_every`-th WR is
@@ -417,20 +419,20 @@ class RdmaTransport(Transport):
         self.device, self._ctx = open_device(pv, device)
         try:
             self._open(port, gid_index, sysfs, staging_bytes)
+            self._links: PeerLinks[_Link] = PeerLinks(
+                identity,
+                cluster.members,
+                establish=self._establish,
+                retire=self._retire,
+                on_up=self._mark_alive,
+                on_lost=self._mark_failed,
+                on_reject=self._reject,
+                connect_timeout=connect_timeout,
+                watch=True,
+            )
         except BaseException:
-            self._ctx.close()
+            self._ctx.close()  # and with it whatever was made on it (PD, MRs)
             raise
-        self._links: PeerLinks[_Link] = PeerLinks(
-            identity,
-            cluster.members,
-            establish=self._establish,
-            retire=self._retire,
-            on_up=self._mark_alive,
-            on_lost=self._mark_failed,
-            on_reject=self._reject,
-            connect_timeout=connect_timeout,
-            watch=True,
-        )
 
     def _open(
         self, port: int, gid_index: int | Literal["auto"], sysfs: Path, staging_bytes: int
