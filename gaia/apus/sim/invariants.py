@@ -3,8 +3,10 @@
 * agreement: at most one entry is ever committed (applied anywhere) at an index;
 * order: each replica applies a gap-free sequence, so applied sequences are prefixes of one
   another (every applied entry equals the agreed one at its index);
-* durability: a new leader holds every entry committed so far (Leader Completeness), so a
-  committed (and acknowledged) entry is never lost or changed;
+* durability: a new leader of view v holds every entry committed in views before v (Leader
+  Completeness), so a committed (and acknowledged) entry is never lost or changed (a stale
+  leader of an older view, elected by delayed votes, may lack newer commits: it can never
+  commit, since a majority has moved past its view);
 * one leader per view, and a replica's view never goes back, across restarts too;
 * the output checker blames only replicas whose application really diverged.
 """
@@ -38,6 +40,7 @@ class SimNode(Protocol):
 class Checker:
     def __init__(self, corrupt: int | None = None) -> None:
         self.committed: dict[int, Entry] = {}
+        self.commit_view: dict[int, int] = {}  # the leader's view when the index committed
         self.acked: dict[int, Entry] = {}
         self.leaders: dict[int, int] = {}
         self.views: dict[int, int] = {}
@@ -47,6 +50,11 @@ class Checker:
         known = self.committed.setdefault(e.index, e)
         if known != e:
             raise Violation(f"{who}: index {e.index} holds {e} but {known} was committed")
+
+    def on_commit(self, view: int, entries: Sequence[Entry]) -> None:
+        """A leader in `view` committed these (its own Apply)."""
+        for e in entries:
+            self.commit_view.setdefault(e.index, view)
 
     def on_apply(self, node: int, applied_before: int, entries: Sequence[Entry]) -> None:
         for k, e in enumerate(entries):
@@ -68,7 +76,7 @@ class Checker:
         if other != node:
             raise Violation(f"two leaders in view {view}: r{other} and r{node}")
         for index, e in self.committed.items():
-            if index <= core.snap_index:
+            if index <= core.snap_index or self.commit_view.get(index, 0) >= view:
                 continue
             if index > core.last_index or core.entry(index) != e:
                 raise Violation(

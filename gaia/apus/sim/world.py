@@ -312,6 +312,8 @@ class World:
         self.checker.on_apply(node.id, len(node.applied), entries)
         core = node.core
         assert core is not None
+        if core.role == LEADER:
+            self.checker.on_commit(core.view, entries)
         for e in entries:
             node.applied.append(e)
             if e.kind == EntryKind.OUTPUT and core.role != LEADER:
