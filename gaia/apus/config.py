@@ -52,6 +52,8 @@ class ClusterConfig:
     slots: int = 1024
     slot_size: int = 4096
     timing: Timing = field(default_factory=Timing)
+    # passed to the transport, e.g. rdma: {"device": "mlx5_0", "port": 1, "gid_index": 3}
+    transport_options: dict[str, Any] = field(default_factory=dict)
 
     def core(self, replica_id: int, seed: int = 0) -> CoreConfig:
         t = self.timing
@@ -114,4 +116,5 @@ class ClusterConfig:
             slots=int(raw.get("slots", 1024)),
             slot_size=int(raw.get("slot_size", 4096)),
             timing=Timing(**raw.get("timing", {})),
+            transport_options=dict(raw.get("transport_options", {})),
         )

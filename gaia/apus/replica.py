@@ -79,7 +79,11 @@ class ReplicaDaemon:
         self.store = LogStore(config.log_path(replica_id), config.durability)
         recovered = self.store.load()
         self.transport = make_transport(
-            config.transport, replica_id, Layout(core_cfg).size, config.spec()
+            config.transport,
+            replica_id,
+            Layout(core_cfg).size,
+            config.spec(),
+            **config.transport_options,
         )
         self.core = Replica(core_cfg, self.transport.region, recovered)
         self.lock = threading.Lock()  # the core and the pending inputs
