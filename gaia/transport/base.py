@@ -14,8 +14,10 @@ outside the region) raise.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -245,3 +247,35 @@ class Transport(ABC):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class CounterWatch:
+    """Notices peers' writes by their counter words (one per member, bumped by the writer after
+    each write), and spins for a change before the caller sleeps. Shared by the transports
+    whose region lives in memory peers write directly (shm, rdma)."""
+
+    def __init__(self, counters: memoryview, stats: TransportStats, spin: float) -> None:
+        self.counters = counters
+        self.stats = stats
+        self.spin_budget = spin
+        self._seen = counters.tobytes()
+
+    def changed(self) -> bool:
+        now = self.counters.tobytes()
+        if now == self._seen:
+            return False
+        self._seen = now
+        self.stats.wakeups += 1
+        return True
+
+    def spin(self, start: float, deadline: float | None) -> bool:
+        """Poll for up to the spin budget (never past `deadline`); True if something changed.
+        Yields the CPU between looks: a writer sharing this core runs now, not after us."""
+        until = start + self.spin_budget
+        if deadline is not None:
+            until = min(until, deadline)
+        while time.perf_counter() < until:
+            if self.changed():
+                return True
+            os.sched_yield()
+        return False

@@ -60,6 +60,7 @@ from gaia.transport.base import (
     SEAL_BYTES,
     Buffer,
     ClusterSpec,
+    CounterWatch,
     PeerFailureCallback,
     Transport,
     TransportUnavailable,
@@ -466,7 +467,7 @@ class RdmaTransport(Transport):
         self._staging = memoryview(self._staging_mm)
         self._region = memoryview(self._mm)[HEADER:]
         self._counters = memoryview(self._mm)[: _COUNT.size * len(self.cluster.ids)]
-        self._seen = self._counters.tobytes()
+        self._watch = CounterWatch(self._counters, self.stats, self._spin)
         log.info(
             "rdma replica %d: %s port %d, GID %d %s (%s), MTU %d",
             self.me, self.device, port, self.gid.index, self.gid.address, self.gid.kind,
@@ -669,23 +670,15 @@ class RdmaTransport(Transport):
             self._links.drop(peer, link, str(failure), failure.retry_after)
 
     def _changed(self) -> bool:
-        now = self._counters.tobytes()
-        if now == self._seen:
-            return False
-        self._seen = now
-        self.stats.wakeups += 1
-        return True
+        return self._watch.changed()
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._changed():
             return True
         start = time.perf_counter()
         deadline = None if timeout is None else start + timeout
-        spin_until = start + self._spin if deadline is None else min(start + self._spin, deadline)
-        while time.perf_counter() < spin_until:
-            if self._changed():
-                return True
-            os.sched_yield()
+        if self._watch.spin(start, deadline):
+            return True
         nap = min(50e-6, self._max_sleep)
         while not self._changed():
             self._reap_all()

@@ -62,6 +62,7 @@ from pathlib import Path
 from gaia.transport.base import (
     Buffer,
     ClusterSpec,
+    CounterWatch,
     PeerFailureCallback,
     PeersUnreachable,
     Transport,
@@ -195,7 +196,6 @@ class ShmTransport(Transport):
         if len(ids) > _MAX_MEMBERS:
             raise ValueError(f"shm transport supports at most {_MAX_MEMBERS} members")
         self._fence = _load_fence()
-        self._spin = spin
         self._probe_interval = probe_interval
         self._shm_dir = shm_dir
         self._counter = _COUNTERS + ids.index(me)
@@ -221,7 +221,7 @@ class ShmTransport(Transport):
         self._words = memoryview(self._mm)[:_HEADER].cast("Q")
         self._region = memoryview(self._mm)[_HEADER:]
         self._counters = self._words[_COUNTERS : _COUNTERS + len(ids)]
-        self._seen = self._counters.tobytes()
+        self._watch = CounterWatch(self._counters, self.stats, spin)
         self._bell_poll = select.poll()
         self._bell_poll.register(self._bell_fd, select.POLLIN)
 
@@ -360,23 +360,15 @@ class ShmTransport(Transport):
         return True
 
     def _changed(self) -> bool:
-        now = self._counters.tobytes()
-        if now == self._seen:
-            return False
-        self._seen = now
-        self.stats.wakeups += 1
-        return True
+        return self._watch.changed()
 
     def wait(self, timeout: float | None = None) -> bool:
         if self._changed():
             return True
         start = time.perf_counter()
         deadline = None if timeout is None else start + timeout
-        spin_until = start + self._spin if deadline is None else min(start + self._spin, deadline)
-        while time.perf_counter() < spin_until:
-            if self._changed():
-                return True
-            os.sched_yield()  # a writer sharing this core runs now, not after our budget
+        if self._watch.spin(start, deadline):
+            return True
         # Announce the sleep, then look once more: a writer either stored its counter before
         # our fence (we see it now) or loads the flag after it (and rings).
         self._words[_SLEEPING] = 1
