@@ -92,7 +92,6 @@ class ReplicaDaemon:
         self.pending: dict[int, Pending] = {}
         self._replies: list[tuple[socket.socket, bytes]] = []
         self.timings: deque[tuple[float, float, float]] = deque(maxlen=200_000)
-        self.applied_entries = 0
         log.info(
             "replica %d: recovered view %d, %d entries (%s, %s)",
             replica_id,
@@ -142,7 +141,6 @@ class ReplicaDaemon:
         """Committed entries (lock held): answer the clients waiting for them."""
         now = time.perf_counter()
         for e in entries:
-            self.applied_entries += 1
             p = self.pending.pop(e.index, None)
             if p is None:
                 continue
