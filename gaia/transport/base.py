@@ -268,6 +268,15 @@ class CounterWatch:
         self.stats.wakeups += 1
         return True
 
+    def look(self, timeout: float | None) -> tuple[bool, float | None]:
+        """The first part of every `wait`: look, then spin for up to the budget (never past the
+        timeout). Returns whether something changed, and the deadline to sleep until."""
+        if self.changed():
+            return True, None
+        start = time.perf_counter()
+        deadline = None if timeout is None else start + timeout
+        return self.spin(start, deadline), deadline
+
     def spin(self, start: float, deadline: float | None) -> bool:
         """Poll for up to the spin budget (never past `deadline`); True if something changed.
         Yields the CPU between looks: a writer sharing this core runs now, not after us."""

@@ -673,11 +673,8 @@ class RdmaTransport(Transport):
         return self._watch.changed()
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._changed():
-            return True
-        start = time.perf_counter()
-        deadline = None if timeout is None else start + timeout
-        if self._watch.spin(start, deadline):
+        changed, deadline = self._watch.look(timeout)
+        if changed:
             return True
         nap = min(50e-6, self._max_sleep)
         while not self._changed():

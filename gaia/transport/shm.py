@@ -363,11 +363,8 @@ class ShmTransport(Transport):
         return self._watch.changed()
 
     def wait(self, timeout: float | None = None) -> bool:
-        if self._changed():
-            return True
-        start = time.perf_counter()
-        deadline = None if timeout is None else start + timeout
-        if self._watch.spin(start, deadline):
+        changed, deadline = self._watch.look(timeout)
+        if changed:
             return True
         # Announce the sleep, then look once more: a writer either stored its counter before
         # our fence (we see it now) or loads the flag after it (and rings).
