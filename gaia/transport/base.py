@@ -230,6 +230,14 @@ class Transport(ABC):
         if self._on_peer_failure is not None:
             self._on_peer_failure(peer, reason)
 
+    def _reject(self, peer: int | None, reason: str) -> None:
+        """Count a refused handshake or frame. It is logged before it is counted, so whoever
+        watches `stats.rejected` finds the reason in the log the moment the counter moves."""
+        who = "unknown peer" if peer is None else f"peer {peer}"
+        log.warning("%s replica %d: rejected %s: %s", self.kind, self.me, who, reason)
+        with self._failed_lock:
+            self.stats.rejected += 1
+
     def _mark_alive(self, peer: int) -> None:
         with self._failed_lock:
             if peer not in self._failed:

@@ -561,12 +561,6 @@ class RdmaTransport(Transport):
         link.qp.close()
         link.cq.close()
 
-    def _reject(self, peer: int | None, reason: str) -> None:
-        with self._links.lock:
-            self.stats.rejected += 1
-        who = "unknown peer" if peer is None else f"peer {peer}"
-        log.warning("rdma replica %d: rejected %s: %s", self.me, who, reason)
-
     def connect(self, timeout: float = 10.0) -> None:
         self._links.connect(timeout)
 

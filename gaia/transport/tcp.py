@@ -119,12 +119,6 @@ class TcpTransport(Transport):
             del self._by_fd[conn.fd]
             self._epoll.unregister(conn.fd)
 
-    def _reject(self, peer: int | None, reason: str) -> None:
-        with self._links.lock:
-            self.stats.rejected += 1
-        who = "unknown peer" if peer is None else f"peer {peer}"
-        log.warning("tcp replica %d: rejected %s: %s", self.me, who, reason)
-
     def connect(self, timeout: float = 10.0) -> None:
         self._links.connect(timeout)
 
