@@ -179,18 +179,25 @@ def _print_outcomes(console: Console, outcomes: list[Outcome]) -> None:
         "replicas": "how many replicas (1-9)",
         "transport": "shm (default) or tcp",
         "durability": "memory (default), fsync, group-commit or no-fsync",
+        "app": "redis or memcached: every replica runs one, clients use the leader's",
     },
 )
 def cluster_up(
-    c: Context, replicas: int = 3, transport: str = "shm", durability: str = "memory"
+    c: Context, replicas: int = 3, transport: str = "shm", durability: str = "memory", app: str = ""
 ) -> None:
     """Start a local APUS cluster that keeps running until cluster.down."""
     from gaia.cluster import local
 
-    state = local.up(replicas, transport, durability)
+    state = local.up(replicas, transport, durability, app=app)
     print(f"{state['system']} with {replicas} replicas is up ({state['isolation']})")
     for rid, (host, port) in state["clients"].items():
         print(f"  replica {rid}: clients at {host}:{port}")
+    if app:
+        leader = local.status()["leader_app_address"]
+        if leader is not None:
+            host, port = leader
+            hint = f"redis-cli -h {host} -p {port}" if app == "redis" else f"{host}:{port}"
+            print(f"  {app} (the leader's, the only one taking clients): {hint}")
     print(f"logs: {state['logs']}; invoke cluster.status --json shows the leader")
 
 
@@ -206,6 +213,8 @@ def cluster_status(c: Context, json: bool = False) -> None:
         print(json_module.dumps(state, indent=2))
         return
     print(f"{state['system']}: leader {state['leader']} at {state['leader_address']}")
+    if state.get("app"):
+        print(f"  {state['app']} clients go to {state['leader_app_address']}")
     for rid, r in sorted(state["replicas"].items()):
         if "down" in r:
             print(f"  replica {rid}: down ({r['down']})")

@@ -91,14 +91,24 @@ class ApusClient:
             self._sock = None
 
 
-def replica_status(address: tuple[str, int], timeout: float = 1.0) -> dict[str, Any]:
-    """One replica's STATUS (role, view, leader, commit, timings...); raises OSError if down."""
+def _ask(address: tuple[str, int], op: Op, body: bytes, timeout: float) -> bytes:
     client = ApusClient({0: address}, timeout=timeout)
     try:
-        status, _, body = client._call(Op.STATUS, b"")
+        status, _, answer = client._call(op, body)
     finally:
         client.close()
     if status != Status.OK:
-        raise ProtocolError(f"STATUS answered {status.name}")
-    result: dict[str, Any] = json.loads(body)
+        raise ProtocolError(f"{op.name} answered {status.name}: {answer.decode(errors='replace')}")
+    return answer
+
+
+def replica_status(address: tuple[str, int], timeout: float = 1.0) -> dict[str, Any]:
+    """One replica's STATUS (role, view, leader, commit, timings...); raises OSError if down."""
+    result: dict[str, Any] = json.loads(_ask(address, Op.STATUS, b"", timeout))
     return result
+
+
+def query_app(address: tuple[str, int], request: bytes, timeout: float = 5.0) -> bytes:
+    """Send a read-only request to one replica's own app server, outside the log (see
+    gaia.apus.wire: QUERY), and return the server's raw reply."""
+    return _ask(address, Op.QUERY, request, timeout)

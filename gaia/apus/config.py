@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gaia.apps import APPS
 from gaia.apus.core.types import CoreConfig
 from gaia.apus.storage import Durability, check_durability
 from gaia.transport.base import ClusterSpec, check_cluster_id
@@ -28,6 +29,7 @@ class Member:
     host: str
     peer_port: int  # the tcp/rdma transports' listening port
     client_port: int  # where clients submit inputs
+    app_port: int = 0  # where this replica's app server listens (clusters that run an app)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class ClusterConfig:
     timing: Timing = field(default_factory=Timing)
     # passed to the transport, e.g. rdma: {"device": "mlx5_0", "port": 1, "gid_index": 3}
     transport_options: dict[str, Any] = field(default_factory=dict)
+    # the unmodified server every replica runs (gaia.apps: "redis", "memcached"); "" for none
+    app: str = ""
+    # the leader checks a connection's output every this many inputs on it (0: never)
+    output_period: int = 64
 
     def core(self, replica_id: int, seed: int = 0) -> CoreConfig:
         t = self.timing
@@ -117,4 +123,14 @@ class ClusterConfig:
             slot_size=int(raw.get("slot_size", 4096)),
             timing=Timing(**raw.get("timing", {})),
             transport_options=dict(raw.get("transport_options", {})),
+            app=_checked_app(str(raw.get("app", "")), members),
+            output_period=int(raw.get("output_period", 64)),
         )
+
+
+def _checked_app(app: str, members: dict[int, Member]) -> str:
+    if app and app not in APPS:
+        raise ValueError(f"app {app!r}: choose one of {', '.join(APPS)}")
+    if app and (missing := sorted(i for i, m in members.items() if m.app_port <= 0)):
+        raise ValueError(f"app {app!r}: members {missing} have no app_port")
+    return app

@@ -12,6 +12,16 @@ On the leader each committed input gets the APUS paper's Table II/III timings: s
 (L2: the local log write, fsync included per policy), first ack and majority ack (quorum), all
 from the proposal. STATUS reports their medians. SIGTERM stops cleanly; a restarted replica
 recovers its log and catches up from the leader.
+
+With an app in the cluster file (redis, memcached) the replica also runs that unmodified server
+with the interposition shim preloaded (gaia.apus.interpose). On the leader an intake thread
+proposes each input the shim hands over and answers it once committed; on the others, every
+committed entry of a view this replica did not lead is replayed into its server. A new leader
+first replays everything before its NOOP and closes the replayed connections of the old
+leader's clients, and only then lets its server accept clients. Every `output_period` inputs
+on a connection the leader proposes an OUTPUT entry with its server's output so far; the
+backups answer with theirs and the core decides. Clients of an app cluster talk to the app;
+SUBMIT is refused.
 """
 
 from __future__ import annotations
@@ -25,11 +35,13 @@ import statistics
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gaia.apps import AppError
 from gaia.apus.config import ClusterConfig, ConfigError
 from gaia.apus.core.layout import Layout
 from gaia.apus.core.replica import LEADER, Replica
@@ -44,7 +56,11 @@ from gaia.apus.core.types import (
     RemoteWrite,
     RoleChange,
     SendSnapshot,
+    encode_output,
 )
+from gaia.apus.interpose.host import AppHost
+from gaia.apus.interpose.replay import output_digest
+from gaia.apus.interpose.segment import Input
 from gaia.apus.storage import LogStore
 from gaia.apus.wire import Op, ProtocolError, Status, read_request, response
 from gaia.transport.base import PeersUnreachable
@@ -55,16 +71,19 @@ log = logging.getLogger("gaia.apus.replica")
 SUBMIT_TIMEOUT_S = 10.0
 
 
+Answer = Callable[[Status, int, bytes], None]
+
+
 @dataclass
 class Pending:
-    """An input this replica proposed, waiting to be applied; whoever applies it answers the
-    client at once on `conn` (no hand-off back to the client's thread)."""
+    """An input this replica proposed, waiting to be applied; whoever applies it calls `answer`
+    at once (no hand-off back to the proposing thread). `deadline` None: never expires (the
+    shim's inputs: once proposed, only the log can say whether they count)."""
 
     view: int
     proposed: float
-    conn: socket.socket
-    rid: int
-    deadline: float
+    answer: Answer
+    deadline: float | None
     stored: float = 0.0
     first_ack: float = 0.0
 
@@ -92,6 +111,23 @@ class ReplicaDaemon:
         self.pending: dict[int, Pending] = {}
         self._replies: list[tuple[socket.socket, bytes]] = []
         self.timings: deque[tuple[float, float, float]] = deque(maxlen=200_000)
+        self.exit_code = 0
+        self.app: AppHost | None = None
+        if config.app:
+            member = config.members[replica_id]
+            self.app = AppHost(
+                config.app,
+                cluster_id=config.cluster_id,
+                replica_id=replica_id,
+                address=(member.host, member.app_port),
+                workdir=config.data_dir / f"app{replica_id}",
+                max_data=Layout(core_cfg).max_payload,
+            )
+        self._led_views: set[int] = set()  # my server executed these views' entries itself
+        self._leading_view = -1  # the view _steer_app last saw this replica lead
+        self._serving_from = 0  # that view's first index (the NOOP): the server waits for it
+        self._inputs_on: Counter[int] = Counter()  # per connection entry, for output checks
+        self.output_verdicts: Counter[str] = Counter()
         log.info(
             "replica %d: recovered view %d, %d entries (%s, %s)",
             replica_id,
@@ -127,10 +163,15 @@ class ReplicaDaemon:
                             persists.append(a)
                         case RoleChange():
                             log.info("replica %d: %s in view %d (leader %s)", self.id, *a)
+                            if a.role == LEADER:
+                                with self.lock:
+                                    self._led_views.add(a.view)
                         case SendSnapshot():
                             log.warning("replica %d: peer %d needs a snapshot", self.id, a.peer)
                         case OutputDecision():
-                            log.info("replica %d: output check %s", self.id, a)
+                            self.output_verdicts[a.verdict.name.lower()] += 1
+                            level = logging.INFO if not a.divergent else logging.WARNING
+                            log.log(level, "replica %d: output check %s", self.id, a)
                 if persists:
                     self.store.write(persists)
                     with self.lock:
@@ -138,29 +179,37 @@ class ReplicaDaemon:
         self._send_replies()
 
     def _apply(self, entries: tuple[Entry, ...]) -> None:
-        """Committed entries (lock held): answer the clients waiting for them."""
+        """Committed entries (lock held): answer the inputs waiting for them; with an app,
+        replay what this replica's server has not executed itself."""
         now = time.perf_counter()
+        replayer = self.app.replayer if self.app is not None else None
         for e in entries:
+            if replayer is not None and e.view not in self._led_views:
+                replayer.put(e)
             p = self.pending.pop(e.index, None)
             if p is None:
                 continue
             if e.view != p.view:  # another leader's entry took this index: ours was lost
-                self._replies.append((p.conn, response(Status.RETRY, p.rid, e.index)))
+                p.answer(Status.RETRY, e.index, b"")
                 continue
             stored = p.stored or now
             first_ack = p.first_ack or now
             self.timings.append((stored - p.proposed, first_ack - p.proposed, now - p.proposed))
-            self._replies.append((p.conn, response(Status.OK, p.rid, e.index)))
+            p.answer(Status.OK, e.index, b"")
 
     def _expire(self) -> None:
-        """Inputs not committed in time (lock held) are answered RETRY."""
+        """Client inputs not committed in time (lock held) are answered RETRY."""
         now = time.monotonic()
-        while self.pending:
-            index, p = next(iter(self.pending.items()))
-            if p.deadline > now:
-                return
-            del self.pending[index]
-            self._replies.append((p.conn, response(Status.RETRY, p.rid, index, b"timed out")))
+        for index, p in list(self.pending.items()):
+            if p.deadline is not None and p.deadline <= now:
+                del self.pending[index]
+                p.answer(Status.RETRY, index, b"timed out")
+
+    def _client_answer(self, conn: socket.socket, rid: int) -> Answer:
+        def answer(status: Status, index: int, body: bytes) -> None:
+            self._replies.append((conn, response(status, rid, index, body)))
+
+        return answer
 
     def _send_replies(self) -> None:
         with self.lock:
@@ -187,6 +236,9 @@ class ReplicaDaemon:
         except PeersUnreachable as e:
             log.warning("%s; carrying on: the core treats them as failed until they answer", e)
         server = self._serve_clients()
+        if self.app is not None:
+            self.app.start(self._report_output)
+            threading.Thread(target=self._intake, name="intake", daemon=True).start()
         tick = self.config.timing.tick_ms / 1000
         next_tick = time.monotonic() + tick
         try:
@@ -201,12 +253,124 @@ class ReplicaDaemon:
                         self.core.tick()
                         self._expire()
                         next_tick = max(next_tick + tick, now - 5 * tick)
+                        if self.app is not None:
+                            self._steer_app(self.app)
                 self._pump()
         finally:
             server.close()
+            self.stopping.set()
+            if self.app is not None:
+                self.app.stop()
             with self.io_lock, self.lock:
                 self.transport.close()
                 self.store.close()
+
+    # ------------------------------------------------------------------ the app
+    def _first_index_of_view(self) -> int:
+        """The index of the current view's first entry (a new leader's NOOP), lock held."""
+        c = self.core
+        index = c.last_index
+        while index > c.snap_index + 1 and c.view_at(index - 1) == c.view:
+            index -= 1
+        return index
+
+    def _steer_app(self, app: AppHost) -> None:
+        """Each tick (lock held): keep the server alive and in the role the core is in. A new
+        leader serves only once its NOOP is applied and everything before it replayed, after
+        closing the old leader's clients' replayed connections everywhere."""
+        app.segment.beat()
+        if not app.alive():
+            log.error("replica %d: the %s server died: stopping", self.id, app.app.name)
+            self.exit_code = 3
+            self.stopping.set()
+            return
+        replayer = app.replayer
+        assert replayer is not None
+        if self.core.role != LEADER:
+            app.serve(False)
+            return
+        if self._leading_view != self.core.view:  # newly elected (maybe re-elected): start over
+            self._leading_view = self.core.view
+            self._led_views.add(self.core.view)
+            self._serving_from = self._first_index_of_view()
+            app.serve(False)
+            return
+        if app.serving or self.core.applied < self._serving_from or not replayer.idle():
+            return
+        for conn in replayer.open_connections():
+            self.core.propose(EntryKind.CLOSE, conn, b"")
+        replayer.close_all(self._serving_from)
+        app.conn_ids.clear()
+        app.serve(True)
+
+    def _report_output(self, index: int, digest: int) -> None:
+        with self.lock:
+            self.core.report_output(index, digest)
+        self._pump()
+
+    def _intake(self) -> None:
+        """The leader's intake: propose what the shim submits, answer it when committed."""
+        assert self.app is not None
+        segment = self.app.segment
+        while not self.stopping.is_set():
+            seen = segment.doorbell()
+            inputs = list(segment.take())
+            if not inputs:
+                segment.wait(seen, 0.05)
+                continue
+            for i in inputs:
+                self._propose_input(self.app, i)
+            self._pump()
+
+    def _propose_input(self, app: AppHost, i: Input) -> None:
+        kind = EntryKind(i.kind)
+        deadline = time.monotonic() + SUBMIT_TIMEOUT_S
+        while True:
+            with self.lock:
+                if self.core.role != LEADER:
+                    app.segment.answer(i.slot, committed=False)
+                    return
+                try:
+                    index = self._propose_locked(app, kind, i)
+                except Backpressure:
+                    index = 0
+                if index:
+                    return
+            if time.monotonic() > deadline:
+                app.segment.answer(i.slot, committed=False)
+                return
+            time.sleep(0.0002)
+
+    def _propose_locked(self, app: AppHost, kind: EntryKind, i: Input) -> int:
+        """Propose one shim input (lock held); 0 if the log is full. Every `output_period`-th
+        input on a connection is preceded by an OUTPUT entry with the output so far: the server
+        is blocked reading this very input, so that output is complete."""
+        if kind == EntryKind.CONNECT:
+            conn = app.conn_ids[i.conn] = app.new_conn_id(self.core.view)
+            self._inputs_on[i.conn] = 0
+        elif (known := app.conn_ids.get(i.conn)) is not None:
+            conn = known
+        else:  # accepted under an earlier leadership of mine: that client is gone
+            app.segment.answer(i.slot, committed=False)
+            return -1
+        period = self.config.output_period
+        if kind == EntryKind.DATA and period:
+            self._inputs_on[i.conn] += 1
+            if self._inputs_on[i.conn] % period == 0:
+                out = app.segment.output(i.conn)
+                check = encode_output(out.nbytes, output_digest(out))
+                self.core.propose(EntryKind.OUTPUT, conn, check)
+        t0 = time.perf_counter()
+        index = self.core.propose(kind, conn, i.payload)
+        slot = i.slot
+
+        def answer(status: Status, at: int, _body: bytes) -> None:
+            app.segment.answer(slot, committed=status == Status.OK, index=at)
+
+        self.pending[index] = Pending(self.core.view, t0, answer, None)
+        if kind == EntryKind.CLOSE:
+            del app.conn_ids[i.conn]
+        return index
 
     # ------------------------------------------------------------------ clients
     def _serve_clients(self) -> socket.socket:
@@ -233,6 +397,8 @@ class ReplicaDaemon:
                         conn.sendall(
                             response(Status.OK, rid, 0, json.dumps(self.status()).encode())
                         )
+                    elif op == Op.QUERY:
+                        conn.sendall(self._query(rid, body))
                     elif (refusal := self._submit(conn, rid, body)) is not None:
                         conn.sendall(refusal)
             except (ProtocolError, OSError) as e:
@@ -244,6 +410,9 @@ class ReplicaDaemon:
         refusal to send back."""
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
+            if self.app is not None:
+                why = f"this cluster replicates {self.app.app.name}: send inputs to it".encode()
+                return response(Status.ERROR, rid, 0, why)
             with self.lock:
                 t0 = time.perf_counter()
                 try:
@@ -256,7 +425,7 @@ class ReplicaDaemon:
                 except Backpressure:
                     index = 0
                 if index:
-                    p = Pending(self.core.view, t0, conn, rid, deadline)
+                    p = Pending(self.core.view, t0, self._client_answer(conn, rid), deadline)
                     self.pending[index] = p
                     break
             if time.monotonic() > deadline:
@@ -265,6 +434,14 @@ class ReplicaDaemon:
         self._pump()
         p.stored = time.perf_counter()
         return None
+
+    def _query(self, rid: int, request: bytes) -> bytes:
+        if self.app is None:
+            return response(Status.ERROR, rid, 0, b"this cluster runs no app")
+        try:
+            return response(Status.OK, rid, 0, self.app.query(request))
+        except OSError as e:
+            return response(Status.ERROR, rid, 0, f"query failed: {e}".encode())
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -286,6 +463,15 @@ class ReplicaDaemon:
                 "transport_stats": vars(self.transport.stats).copy(),
                 "failed_peers": sorted(self.transport.failed_peers),
             }
+            if self.app is not None:
+                replayer = self.app.replayer
+                idle = replayer is None or replayer.idle()
+                info["app"] = {
+                    **self.app.status(),
+                    "output_checks": dict(self.output_verdicts),
+                    # every applied entry up to here is in this replica's server
+                    "replayed_upto": c.applied if idle or replayer is None else replayer.applied,
+                }
         if timings:
             storage, first_ack, quorum = zip(*timings, strict=True)
             info["timings_us"] = {
@@ -315,8 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: daemon.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: daemon.stopping.set())
-    daemon.run()
-    return 0
+    try:
+        daemon.run()
+    except AppError as e:
+        print(f"gaia.apus.replica: {e}", file=sys.stderr)
+        return 3
+    return daemon.exit_code
 
 
 if __name__ == "__main__":

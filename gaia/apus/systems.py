@@ -36,9 +36,13 @@ class ApusCluster(LocalEnsemble):
         data_root: Path | None = None,
         start_timeout: float = 30.0,
         timing: Timing | None = None,
+        app: str = "",
+        output_period: int = 64,
     ) -> None:
         super().__init__(replicas, log_dir, data_root=data_root, start_timeout=start_timeout)
-        self.name = f"apus-{transport}"
+        self.name = f"apus-{transport}" + (f"-{app}" if app else "")
+        self.app = app
+        self.output_period = output_period
         self.transport = transport
         self.durability = check_durability(durability)
         self.timing = timing or Timing()
@@ -51,17 +55,19 @@ class ApusCluster(LocalEnsemble):
         return {i: (m.host, m.client_port) for i, m in self.config.members.items()}
 
     def _server_specs(self, data_root: Path) -> list[ProcessSpec]:
-        ports = free_ports(2 * self.replicas)
+        ports = free_ports(3 * self.replicas)
         self.config = ClusterConfig(
             cluster_id=self.cluster_id,
             transport=self.transport,
             durability=self.durability,
             data_dir=data_root,
             members={
-                i: Member("127.0.0.1", ports[2 * i], ports[2 * i + 1]) for i in range(self.replicas)
+                i: Member("127.0.0.1", *ports[3 * i : 3 * i + 3]) for i in range(self.replicas)
             },
             key=secrets.token_hex(16),
             timing=self.timing,
+            app=self.app,
+            output_period=self.output_period,
         )
         path = self.log_dir / "cluster.json"
         self.config.save(path)
@@ -72,6 +78,12 @@ class ApusCluster(LocalEnsemble):
             )
             for i in range(self.replicas)
         ]
+
+    @property
+    def app_addresses(self) -> dict[int, tuple[str, int]]:
+        """Where each replica's app server listens (only the leader's accepts clients)."""
+        assert self.config is not None and self.app, "not started, or no app"
+        return {i: (m.host, m.app_port) for i, m in self.config.members.items()}
 
     def statuses(self) -> dict[int, dict[str, Any] | None]:
         """Each replica's STATUS, None for one that does not answer."""
@@ -96,6 +108,8 @@ class ApusCluster(LocalEnsemble):
         statuses = self.statuses()
         if any(s is None for s in statuses.values()) or self.leader() is None:
             return [self.servers[i] for i, s in statuses.items() if s is None] or self.servers
+        if self.app and not any(s and s.get("app", {}).get("serving") for s in statuses.values()):
+            return self.servers  # the leader's server is not serving clients yet
         return []
 
     def restart(self, index: int) -> None:
@@ -123,6 +137,8 @@ class ApusCluster(LocalEnsemble):
         return {
             "transport": self.transport,
             "durability": self.durability,
+            "app": self.app or None,
+            "output_period": self.output_period if self.app else None,
             "tick_ms": self.timing.tick_ms,
             "election_ticks": self.timing.election_ticks,
             "python": sys.version.split()[0],

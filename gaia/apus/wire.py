@@ -6,6 +6,9 @@ response: status u8 | request id u64 | log index u64 | length u32 | body
 SUBMIT's body is the input; the answer comes once it is committed (OK, with its log index), or
 says NOT_LEADER (body: the leader's id, or -1 if unknown) or RETRY (lost in a view change:
 submit again) or ERROR (body: why). STATUS answers with a JSON body describing the replica.
+QUERY (clusters that run an app) sends its body to this replica's own server outside the log
+and answers with the server's reply: for tests and operators comparing replicas, so it must be
+read-only (Redis DEBUG DIGEST, a memcached get).
 Frames larger than MAX_BODY are refused, so a garbage length cannot make a replica allocate
 gigabytes.
 """
@@ -24,6 +27,7 @@ MAX_BODY = 1 << 20
 class Op(IntEnum):
     SUBMIT = 1
     STATUS = 2
+    QUERY = 3
 
 
 class Status(IntEnum):

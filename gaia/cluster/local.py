@@ -61,12 +61,15 @@ def up(
     durability: str,
     state_dir: Path = DEFAULT_STATE_DIR,
     timeout: float = 60.0,
+    *,
+    app: str = "",
 ) -> dict[str, Any]:
     if read_state(state_dir) is not None:
         raise ClusterError(f"a cluster is already up (state in {state_dir}); cluster.down first")
     state_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "gaia.cluster.local", "run", "--state-dir", str(state_dir)]
     argv += ["--replicas", str(replicas), "--transport", transport, "--durability", durability]
+    argv += ["--app", app]
     with open(state_dir / "supervisor.log", "wb") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
@@ -98,10 +101,13 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, Any]:
             replicas[rid] = {"id": int(rid), "down": str(e)}
     leaders = {r.get("leader") for r in replicas.values() if "down" not in r}
     leader = leaders.pop() if len(leaders) == 1 else None
+    apps = state.get("app_servers", {})
     return {
         **state,
         "leader": leader,
         "leader_address": state["clients"].get(str(leader)) if leader is not None else None,
+        # where the replicated app takes clients (None: no app, or no leader right now)
+        "leader_app_address": apps.get(str(leader)) if leader is not None else None,
         "replicas": replicas,
     }
 
@@ -132,6 +138,7 @@ def _supervise(args: argparse.Namespace) -> int:
         transport=args.transport,
         durability=args.durability,
         data_root=args.state_dir / "data",
+        app=args.app,
     )
     cluster.start()
     try:
@@ -142,6 +149,10 @@ def _supervise(args: argparse.Namespace) -> int:
             "isolation": ISOLATION,
             "describe": dict(cluster.describe()),
             "clients": {str(i): list(a) for i, a in cluster.addresses.items()},
+            "app": args.app or None,
+            "app_servers": {str(i): list(a) for i, a in cluster.app_addresses.items()}
+            if args.app
+            else {},
             "logs": str((args.state_dir / "logs").resolve()),
         }
         tmp = _state_file(args.state_dir).with_suffix(".tmp")
@@ -164,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--replicas", type=int, default=3)
     run.add_argument("--transport", default="shm")
     run.add_argument("--durability", default="memory")
+    run.add_argument("--app", default="", help="redis or memcached: replicate that server")
     return _supervise(ap.parse_args(argv))
 
 

@@ -33,3 +33,23 @@ def test_up_status_down(tmp_path: Path) -> None:
     with pytest.raises(local.ClusterError, match="no cluster is up"):
         local.status(state_dir)
     assert state["cluster_id"] not in " ".join(p.name for p in Path("/dev/shm").iterdir())
+
+
+def test_up_with_redis_gives_a_replicated_redis(tmp_path: Path) -> None:
+    """What `invoke cluster.up --app redis` promises: point a Redis client at the leader."""
+    import redis
+
+    state_dir = tmp_path / "cluster"
+    local.up(3, "shm", "memory", state_dir, app="redis")
+    try:
+        info = local.status(state_dir)
+        assert info["app"] == "redis" and len(info["app_servers"]) == 3
+        host, port = info["leader_app_address"]
+        r = redis.Redis(host=host, port=port, socket_timeout=10)
+        assert r.set("greeting", "hello") and r.get("greeting") == b"hello"
+        leader = info["replicas"][str(info["leader"])]
+        assert leader["app"]["serving"] and not any(
+            r["app"]["serving"] for i, r in info["replicas"].items() if i != str(info["leader"])
+        )
+    finally:
+        assert local.down(state_dir)
