@@ -318,27 +318,32 @@ class ReplicaDaemon:
             if not inputs:
                 segment.wait(seen, 0.05)
                 continue
-            for i in inputs:
-                self._propose_input(self.app, i)
-            self._pump()
+            proposed = [self._propose_input(self.app, i) for i in inputs]
+            self._pump()  # the log write (L2) and the writes to the backups (L3)
+            stored = time.perf_counter()
+            with self.lock:
+                for index in proposed:
+                    if (p := self.pending.get(index)) is not None:
+                        p.stored = stored
 
-    def _propose_input(self, app: AppHost, i: Input) -> None:
+    def _propose_input(self, app: AppHost, i: Input) -> int:
+        """Propose one input of the shim's; its log index, or 0 if it was answered already."""
         kind = EntryKind(i.kind)
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
             with self.lock:
                 if self.core.role != LEADER:
                     app.segment.answer(i.slot, committed=False)
-                    return
+                    return 0
                 try:
                     index = self._propose_locked(app, kind, i)
                 except Backpressure:
                     index = 0
                 if index:
-                    return
+                    return max(index, 0)
             if time.monotonic() > deadline:
                 app.segment.answer(i.slot, committed=False)
-                return
+                return 0
             time.sleep(0.0002)
 
     def _propose_locked(self, app: AppHost, kind: EntryKind, i: Input) -> int:
