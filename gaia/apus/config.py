@@ -60,6 +60,8 @@ class ClusterConfig:
     app: str = ""
     # the leader checks a connection's output every this many inputs on it (0: never)
     output_period: int = 64
+    # backups checkpoint their app server every this many replayed entries (0: never)
+    checkpoint_every: int = 0
 
     def core(self, replica_id: int, seed: int = 0) -> CoreConfig:
         t = self.timing
@@ -125,6 +127,7 @@ class ClusterConfig:
             transport_options=dict(raw.get("transport_options", {})),
             app=_checked_app(str(raw.get("app", "")), members),
             output_period=int(raw.get("output_period", 64)),
+            checkpoint_every=int(raw.get("checkpoint_every", 0)),
         )
 
 

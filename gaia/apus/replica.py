@@ -58,7 +58,7 @@ from gaia.apus.core.types import (
     SendSnapshot,
     encode_output,
 )
-from gaia.apus.interpose.host import AppHost
+from gaia.apus.interpose.host import AppHost, Unrepairable
 from gaia.apus.interpose.replay import output_digest
 from gaia.apus.interpose.segment import Input
 from gaia.apus.storage import LogStore
@@ -122,12 +122,16 @@ class ReplicaDaemon:
                 address=(member.host, member.app_port),
                 workdir=config.data_dir / f"app{replica_id}",
                 max_data=Layout(core_cfg).max_payload,
+                checkpoint_every=config.checkpoint_every,
             )
         self._led_views: set[int] = set()  # my server executed these views' entries itself
         self._leading_view = -1  # the view _steer_app last saw this replica lead
         self._serving_from = 0  # that view's first index (the NOOP): the server waits for it
         self._inputs_on: Counter[int] = Counter()  # per connection entry, for output checks
         self.output_verdicts: Counter[str] = Counter()
+        self._restore_wanted = threading.Event()  # the replayer saw this server's output diverge
+        self._restoring = False  # the server is being restarted: _apply must not feed it
+        self.unrepairable = False  # diverged even when rebuilt from the whole log
         log.info(
             "replica %d: recovered view %d, %d entries (%s, %s)",
             replica_id,
@@ -182,7 +186,7 @@ class ReplicaDaemon:
         """Committed entries (lock held): answer the inputs waiting for them; with an app,
         replay what this replica's server has not executed itself."""
         now = time.perf_counter()
-        replayer = self.app.replayer if self.app is not None else None
+        replayer = self.app.replayer if self.app is not None and not self._restoring else None
         for e in entries:
             if replayer is not None and e.view not in self._led_views:
                 replayer.put(e)
@@ -237,7 +241,7 @@ class ReplicaDaemon:
             log.warning("%s; carrying on: the core treats them as failed until they answer", e)
         server = self._serve_clients()
         if self.app is not None:
-            self.app.start(self._report_output)
+            self.app.start(self._report_output, lambda _index: self._restore_wanted.set())
             threading.Thread(target=self._intake, name="intake", daemon=True).start()
         tick = self.config.timing.tick_ms / 1000
         next_tick = time.monotonic() + tick
@@ -279,6 +283,8 @@ class ReplicaDaemon:
         leader serves only once its NOOP is applied and everything before it replayed, after
         closing the old leader's clients' replayed connections everywhere."""
         app.segment.beat()
+        if self._restoring:  # the restore thread owns the server and the replayer for now
+            return
         if not app.alive():
             log.error("replica %d: the %s server died: stopping", self.id, app.app.name)
             self.exit_code = 3
@@ -288,6 +294,9 @@ class ReplicaDaemon:
         assert replayer is not None
         if self.core.role != LEADER:
             app.serve(False)
+            if self._restore_wanted.is_set() and not self.unrepairable:
+                self._restoring = True
+                threading.Thread(target=self._restore, args=(app,), name="restore").start()
             return
         if self._leading_view != self.core.view:  # newly elected (maybe re-elected): start over
             self._leading_view = self.core.view
@@ -302,6 +311,38 @@ class ReplicaDaemon:
         replayer.close_all(self._serving_from)
         app.conn_ids.clear()
         app.serve(True)
+
+    def _restore(self, app: AppHost) -> None:
+        """The guard's repair of a backup whose server diverged: restart the server from its
+        newest checkpoint (outside the core lock: it takes a while) and replay everything
+        committed after it, from this replica's own log."""
+        log.warning("replica %d: restoring the %s server", self.id, app.app.name)
+        try:
+            held = app.restore()
+        except Unrepairable as error:
+            log.error("replica %d: %s: no more restores; its output is not checked", self.id, error)
+            self.unrepairable = True
+            self._restoring = False
+            return
+        except AppError as error:
+            log.error("replica %d: restore failed: %s: stopping", self.id, error)
+            self.exit_code = 3
+            self.stopping.set()
+            return
+        # what the old replayer reported until it stopped is answered by this restore; the new
+        # one has replayed nothing yet, so a divergence it finds from now on asks again
+        self._restore_wanted.clear()
+        with self.lock:
+            c = self.core
+            if held < c.snap_index:
+                log.error("replica %d: the log after %d is compacted: cannot replay", self.id, held)
+            assert app.replayer is not None
+            for entry in c.entries[max(held - c.snap_index, 0) : c.applied - c.snap_index]:
+                app.replayer.put(entry)
+            self._led_views.clear()  # the new server executed nothing by itself
+            self._restoring = False
+            upto = c.applied
+        log.warning("replica %d: restored from index %d, replaying to %d", self.id, held, upto)
 
     def _report_output(self, index: int, digest: int) -> None:
         with self.lock:
@@ -474,6 +515,7 @@ class ReplicaDaemon:
                 info["app"] = {
                     **self.app.status(),
                     "output_checks": dict(self.output_verdicts),
+                    "unrepairable": self.unrepairable,
                     # every applied entry up to here is in this replica's server
                     "replayed_upto": c.applied if idle or replayer is None else replayer.applied,
                 }

@@ -38,11 +38,13 @@ class ApusCluster(LocalEnsemble):
         timing: Timing | None = None,
         app: str = "",
         output_period: int = 64,
+        checkpoint_every: int = 0,
     ) -> None:
         super().__init__(replicas, log_dir, data_root=data_root, start_timeout=start_timeout)
         self.name = f"apus-{transport}" + (f"-{app}" if app else "")
         self.app = app
         self.output_period = output_period
+        self.checkpoint_every = checkpoint_every
         self.transport = transport
         self.durability = check_durability(durability)
         self.timing = timing or Timing()
@@ -68,6 +70,7 @@ class ApusCluster(LocalEnsemble):
             timing=self.timing,
             app=self.app,
             output_period=self.output_period,
+            checkpoint_every=self.checkpoint_every,
         )
         path = self.log_dir / "cluster.json"
         self.config.save(path)
@@ -139,6 +142,7 @@ class ApusCluster(LocalEnsemble):
             "durability": self.durability,
             "app": self.app or None,
             "output_period": self.output_period if self.app else None,
+            "checkpoint_every": self.checkpoint_every if self.app else None,
             "tick_ms": self.timing.tick_ms,
             "election_ticks": self.timing.election_ticks,
             "python": sys.version.split()[0],

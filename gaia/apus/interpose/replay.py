@@ -12,13 +12,19 @@ tell. A server that does not read within ORDER_WAIT_S is counted and replay goes
 
 OUTPUT entries carry the leader's output (byte count, crc32) on a connection up to that point in
 the log; the replayer waits until its server has written as much on its connection and reports
-its own digest, which the core sends back to the leader with its next ack.
+its own digest, which the core sends back to the leader with its next ack. A digest that is not
+the leader's is a divergence: `on_divergence` hears of it (the daemon restores the server).
+
+Every `checkpoint_every` entries it asks the guard for a checkpoint (taken only where the server
+is quiet: see guard.py), and a replayer started from a checkpoint reopens the connections that
+were open there and skips the entries the snapshot already holds.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import select
 import socket
 import threading
 import time
@@ -26,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gaia.apus.core.types import Entry, EntryKind, decode_output
-from gaia.apus.interpose.segment import AppSegment, ConnOutput
+from gaia.apus.interpose.guard import Checkpoint, Guard, SavedConn, resp
+from gaia.apus.interpose.segment import NO_OUTPUT, AppSegment, ConnOutput
 
 log = logging.getLogger("gaia.apus.replay")
 
@@ -54,6 +61,9 @@ class ReplayStats:
     order_timeouts: int = 0
     unknown_conn: int = 0
     output_checks: int = 0
+    diverged: int = 0
+    agreed: int = 0
+    checkpoints: int = 0
 
 
 @dataclass
@@ -63,6 +73,10 @@ class Replayer:
     segment: AppSegment
     server: tuple[str, int]
     report_output: Callable[[int, int], None]
+    on_divergence: Callable[[int], None]
+    guard: Guard | None = None
+    checkpoint_every: int = 0
+    start: Checkpoint | None = None  # the snapshot the server started from
     stats: ReplayStats = field(default_factory=ReplayStats)
     applied: int = 0  # the last entry replayed
     given: int = 0  # the last entry handed to `put`
@@ -71,6 +85,10 @@ class Replayer:
         self._queue: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
         self._conns: dict[int, _Replayed] = {}
         self._last: _Replayed | None = None
+        self._stopping = threading.Event()
+        self._skip_upto = self.start.index if self.start is not None else 0
+        self._checkpointed = self._skip_upto
+        self.applied = self.given = self._skip_upto
         self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
         self._thread.start()
 
@@ -93,19 +111,50 @@ class Replayer:
         return list(self._conns)
 
     def stop(self) -> None:
+        """Stop at once (what is queued is dropped: whoever restarts replay feeds it again)."""
+        self._stopping.set()
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            raise RuntimeError("the replay thread did not stop")
         for c in self._conns.values():
             c.sock.close()
+            self.segment.release_replay(c.entry)
+        self._conns.clear()
 
     def _run(self) -> None:
-        while (entry := self._queue.get()) is not None:
+        try:
+            for saved in self.start.conns if self.start is not None else ():
+                self._reopen(saved)
+        except OSError as e:
+            log.error("could not reopen the checkpoint's connections: %s", e)
+        while (entry := self._queue.get()) is not None and not self._stopping.is_set():
+            if entry.index <= self._skip_upto:  # the snapshot holds it already
+                continue
             try:
                 self._replay(entry)
+                self._maybe_checkpoint(entry.index)
             except OSError as e:  # the server went away: the daemon notices and stops
                 log.error("replay of entry %d failed: %s", entry.index, e)
             self.applied = max(self.applied, entry.index)
             self.stats.entries += 1
+
+    def _maybe_checkpoint(self, index: int) -> None:
+        if self.guard is None or not self.checkpoint_every:
+            return
+        if index - self._checkpointed < self.checkpoint_every:
+            return
+        if not all(self.segment.input_bytes(c.entry) >= c.sent for c in self._conns.values()):
+            return  # bytes still in flight to the server: not a point a snapshot can stand for
+        def outputs() -> tuple[tuple[int, ConnOutput, int], ...]:
+            return tuple(
+                (conn, self.segment.output(c.entry), c.sock.getsockname()[1])
+                for conn, c in self._conns.items()
+            )
+
+        if self.guard.take(index, outputs) is not None:
+            self._checkpointed = index
+            self.stats.checkpoints += 1
 
     def _replay(self, e: Entry) -> None:
         if e.kind == EntryKind.CONNECT:
@@ -134,11 +183,34 @@ class Replayer:
                 self._last = None
         self._drain()
 
-    def _connect(self, conn: int) -> None:
+    def _reopen(self, saved: SavedConn) -> None:
+        """A connection that was open at the checkpoint, in the protocol it spoke there; its
+        output counts on from the checkpoint's (the HELLO's own reply is not the client's)."""
+        self._connect(saved.conn, saved.output)
+        if saved.protocol == 2:
+            return
+        c = self._conns[saved.conn]
+        c.sock.sendall(resp("HELLO", str(saved.protocol)))
+        got, deadline = 0, time.monotonic() + OUTPUT_WAIT_S
+        # read the greeting until nothing more comes and the shim has counted all of it (it
+        # counts a write just after making it)
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer to HELLO {saved.protocol} in {OUTPUT_WAIT_S} s")
+            if select.select([c.sock], [], [], 0.005)[0]:
+                data = c.sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the server closed a reopened connection")
+                got += len(data)
+            elif got and self.segment.output(c.entry).nbytes - saved.output.nbytes >= got:
+                break
+        self.segment.seed_output(c.entry, saved.output)
+
+    def _connect(self, conn: int, output: ConnOutput = NO_OUTPUT) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.server[0], 0))
-        entry = self.segment.register_replay(sock.getsockname()[1])
+        entry = self.segment.register_replay(sock.getsockname()[1], output)
         try:
             sock.connect(self.server)
         except OSError:
@@ -157,18 +229,30 @@ class Replayer:
             self.stats.order_timeouts += 1
 
     def _check_output(self, e: Entry, c: _Replayed) -> None:
-        upto, _ = decode_output(e.payload)
+        upto, leaders = decode_output(e.payload)
         self._in_order(c)
         self._until(lambda: self.segment.output(c.entry).nbytes >= upto, OUTPUT_WAIT_S)
+        if self._stopping.is_set():  # cut short: no verdict
+            return
         self.stats.output_checks += 1
-        self.report_output(e.index, output_digest(self.segment.output(c.entry)))
+        mine = output_digest(self.segment.output(c.entry))
+        self.report_output(e.index, mine)
+        if mine == leaders:
+            self.stats.agreed += 1
+        else:
+            self.stats.diverged += 1
+            log.warning(
+                "output check at %d: %d bytes, crc %08x here; the leader had %d, %08x",
+                e.index, mine >> 32, mine & 0xFFFFFFFF, leaders >> 32, leaders & 0xFFFFFFFF,
+            )  # fmt: skip
+            self.on_divergence(e.index)
 
     def _until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Wait for `done`, draining replies meanwhile: spin briefly, then sleep in short steps."""
         deadline = time.monotonic() + timeout
         spins = 0
         while not done():
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self._stopping.is_set():
                 return False
             self._drain()
             spins += 1

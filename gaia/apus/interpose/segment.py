@@ -105,6 +105,8 @@ class ConnOutput(NamedTuple):
     crc: int
 
 
+NO_OUTPUT = ConnOutput(0, 0)
+
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
@@ -218,18 +220,24 @@ class AppSegment:
         """Bytes the server has read from connection entry `conn`."""
         return self._u64(self._conn(conn) + L["GAIA_CONN_IN_BYTES"])
 
-    def register_replay(self, port: int) -> int:
-        """Reserve a replay entry for a connection about to come from local `port`."""
+    def register_replay(self, port: int, output: ConnOutput = NO_OUTPUT) -> int:
+        """Reserve a replay entry for a connection about to come from local `port`, its output
+        counted on from `output` (a connection reopened by a restore)."""
         if not self._free_replay:
             raise RuntimeError(f"all {L['GAIA_CONNS'] // 2} replay connection entries in use")
         i = self._free_replay.popleft()
         base = self._conn(i)
-        for field in ("GAIA_CONN_OUT_BYTES", "GAIA_CONN_IN_BYTES"):
-            _U64.pack_into(self.mem, base + L[field], 0)
-        _U32.pack_into(self.mem, base + L["GAIA_CONN_OUT_CRC"], 0)
+        _U64.pack_into(self.mem, base + L["GAIA_CONN_IN_BYTES"], 0)
+        self.seed_output(i, output)
         _U32.pack_into(self.mem, base + L["GAIA_CONN_PORT"], port)
         _U32.pack_into(self.mem, base + L["GAIA_CONN_STATE"], L["GAIA_CONN_REGISTERED"])
         return i
+
+    def seed_output(self, conn: int, output: ConnOutput) -> None:
+        """Set what entry `conn`'s output counts on from (the server writes nothing meanwhile)."""
+        base = self._conn(conn)
+        _U64.pack_into(self.mem, base + L["GAIA_CONN_OUT_BYTES"], output.nbytes)
+        _U32.pack_into(self.mem, base + L["GAIA_CONN_OUT_CRC"], output.crc)
 
     def release_replay(self, conn: int) -> None:
         base = self._conn(conn)
