@@ -179,17 +179,28 @@ def _print_outcomes(console: Console, outcomes: list[Outcome]) -> None:
         "replicas": "how many replicas (1-9)",
         "transport": "shm (default) or tcp",
         "durability": "memory (default), fsync, group-commit or no-fsync",
+        "isolation": "auto (default: a network namespace per replica when root), netns or none",
         "app": "redis or memcached: every replica runs one, clients use the leader's",
     },
 )
-def cluster_up(
-    c: Context, replicas: int = 3, transport: str = "shm", durability: str = "memory", app: str = ""
+def cluster_up(  # noqa: PLR0917 (invoke maps each parameter to a flag)
+    c: Context,
+    replicas: int = 3,
+    transport: str = "shm",
+    durability: str = "memory",
+    isolation: str = "auto",
+    app: str = "",
 ) -> None:
     """Start a local APUS cluster that keeps running until cluster.down."""
     from gaia.cluster import local
 
-    state = local.up(replicas, transport, durability, app=app)
-    print(f"{state['system']} with {replicas} replicas is up ({state['isolation']})")
+    try:
+        state = local.up(replicas, transport, durability, isolation=isolation, app=app)
+    except local.ClusterError as error:
+        sys.exit(f"gaia cluster.up: {error}")
+    isolated = state["isolation"]
+    print(f"{state['system']} with {replicas} replicas is up")
+    print(f"  isolation: {isolated['mode']} ({isolated['reason']})")
     for rid, (host, port) in state["clients"].items():
         print(f"  replica {rid}: clients at {host}:{port}")
     if app:
@@ -208,11 +219,15 @@ def cluster_status(c: Context, json: bool = False) -> None:
 
     from gaia.cluster import local
 
-    state = local.status()
+    try:
+        state = local.status()
+    except local.ClusterError as error:
+        sys.exit(f"gaia cluster.status: {error}")
     if json:
         print(json_module.dumps(state, indent=2))
         return
     print(f"{state['system']}: leader {state['leader']} at {state['leader_address']}")
+    print(f"  isolation: {state['isolation']['mode']} ({state['isolation']['reason']})")
     if state.get("app"):
         print(f"  {state['app']} clients go to {state['leader_app_address']}")
     for rid, r in sorted(state["replicas"].items()):
@@ -224,7 +239,7 @@ def cluster_status(c: Context, json: bool = False) -> None:
 
 @task(name="down")
 def cluster_down(c: Context) -> None:
-    """Stop the local cluster and remove its shared memory."""
+    """Stop the local cluster and remove its namespaces and shared memory."""
     from gaia.cluster import local
 
     print("stopped" if local.down() else "no cluster was up")

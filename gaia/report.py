@@ -188,6 +188,28 @@ def _short(reason: str) -> str:
     return re.sub(r"\s*\(see [^)]*\)$", "", reason)
 
 
+ISOLATION_WORDS: dict[str, str] = {
+    "netns": "each in its own network namespace, joined by a bridge",
+    "none": "as plain processes on 127.0.0.1",
+}
+
+
+def _isolation_note(rows: pd.DataFrame) -> str:
+    """How the measured systems' replicas were isolated (results rows say it since the
+    `isolation` column exists; older runs say nothing)."""
+    if "isolation" not in rows:
+        return ""
+    ok = rows[(rows["status"] == "ok") & (rows["isolation"] != "")]
+    modes = sorted(set(ok["isolation"]))
+    if len(modes) <= 1:
+        return "".join(f" Replicas ran {ISOLATION_WORDS.get(m, m)}." for m in modes)
+    parts = []
+    for mode in modes:
+        series = ", ".join(sorted(set(ok[ok["isolation"] == mode]["series"])))
+        parts.append(f"{ISOLATION_WORDS.get(mode, mode)} ({series})")
+    return f" Replicas ran {'; '.join(parts)}: not like for like."
+
+
 def render(run: RunDir, paths: Paths) -> str:
     """The markdown section of `run`'s experiment."""
     experiment = run.definition()
@@ -205,7 +227,8 @@ def render(run: RunDir, paths: Paths) -> str:
         f"of {experiment.workload.payload_bytes} B per trial after "
         f"{experiment.workload.warmup_requests} warm-up), target `{env.get('target')}`, commit "
         f"`{git.get('commit')}`{' with uncommitted changes' if git.get('dirty') else ''}; "
-        f"{host.get('cpu_model')}, {host.get('cores')} cores, kernel {host.get('kernel')}.",
+        f"{host.get('cpu_model')}, {host.get('cores')} cores, kernel {host.get('kernel')}."
+        f"{_isolation_note(rows)}",
         "",
         f"![{experiment.name}]({experiment.name}.png) ([PDF]({experiment.name}.pdf))",
         "",

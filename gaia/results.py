@@ -85,6 +85,7 @@ class TrialRow:
     trial: int
     status: Status
     reason: str = ""
+    isolation: str = ""  # the system's describe()["isolation"]["mode"]: netns, none ("": n/a)
     requests: int | None = None
     median_us: float | None = None
     mean_us: float | None = None

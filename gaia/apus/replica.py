@@ -132,6 +132,9 @@ class ReplicaDaemon:
         self._restore_wanted = threading.Event()  # the replayer saw this server's output diverge
         self._restoring = False  # the server is being restarted: _apply must not feed it
         self.unrepairable = False  # diverged even when rebuilt from the whole log
+        # the last entry _apply was given: the core's `applied` runs ahead of it until the
+        # Apply action is taken from ready(), and replay must follow what was handed over
+        self._delivered = 0
         log.info(
             "replica %d: recovered view %d, %d entries (%s, %s)",
             replica_id,
@@ -187,6 +190,8 @@ class ReplicaDaemon:
         replay what this replica's server has not executed itself."""
         now = time.perf_counter()
         replayer = self.app.replayer if self.app is not None and not self._restoring else None
+        if entries:
+            self._delivered = entries[-1].index
         for e in entries:
             if replayer is not None and e.view not in self._led_views:
                 replayer.put(e)
@@ -304,7 +309,7 @@ class ReplicaDaemon:
             self._serving_from = self._first_index_of_view()
             app.serve(False)
             return
-        if app.serving or self.core.applied < self._serving_from or not replayer.idle():
+        if app.serving or self._delivered < self._serving_from or not replayer.idle():
             return
         for conn in replayer.open_connections():
             self.core.propose(EntryKind.CLOSE, conn, b"")
@@ -337,11 +342,11 @@ class ReplicaDaemon:
             if held < c.snap_index:
                 log.error("replica %d: the log after %d is compacted: cannot replay", self.id, held)
             assert app.replayer is not None
-            for entry in c.entries[max(held - c.snap_index, 0) : c.applied - c.snap_index]:
+            for entry in c.entries[max(held - c.snap_index, 0) : self._delivered - c.snap_index]:
                 app.replayer.put(entry)
             self._led_views.clear()  # the new server executed nothing by itself
             self._restoring = False
-            upto = c.applied
+            upto = self._delivered
         log.warning("replica %d: restored from index %d, replaying to %d", self.id, held, upto)
 
     def _report_output(self, index: int, digest: int) -> None:
@@ -517,7 +522,9 @@ class ReplicaDaemon:
                     "output_checks": dict(self.output_verdicts),
                     "unrepairable": self.unrepairable,
                     # every applied entry up to here is in this replica's server
-                    "replayed_upto": c.applied if idle or replayer is None else replayer.applied,
+                    "replayed_upto": self._delivered
+                    if idle or replayer is None
+                    else replayer.applied,
                 }
         if timings:
             storage, first_ack, quorum = zip(*timings, strict=True)

@@ -1,9 +1,10 @@
 """APUS as a system under test: N replica daemons on this host (shm or tcp transport).
 
-The same life cycle as the baselines (gaia.cluster.ensemble): a cluster file in the log
-directory, one `python -m gaia.apus.replica` per member, ready once every replica answers
-STATUS and all follow one leader; clients go to that leader. Shared-memory files are removed
-on stop, even after a crash.
+The same life cycle and isolation as the baselines (gaia.cluster.ensemble): a cluster file in
+the log directory, one `python -m gaia.apus.replica` per member (in its own network namespace
+when isolated: the tcp transport then goes over the veths, while shm works as before since
+/dev/shm is shared), ready once every replica answers STATUS and all follow one leader;
+clients go to that leader. Shared-memory files are removed on stop, even after a crash.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gaia.apus.client import ApusClient, replica_status
 from gaia.apus.config import ClusterConfig, Member, Timing
 from gaia.apus.storage import check_durability
 from gaia.cluster.ensemble import LocalEnsemble
+from gaia.cluster.netns import Isolation
 from gaia.cluster.procs import ManagedProcess, ProcessSpec, free_ports
 from gaia.transport.shm import cleanup_shm
 
@@ -36,11 +38,12 @@ class ApusCluster(LocalEnsemble):
         data_root: Path | None = None,
         start_timeout: float = 30.0,
         timing: Timing | None = None,
+        isolation: str | Isolation = "auto",
         app: str = "",
         output_period: int = 64,
         checkpoint_every: int = 0,
     ) -> None:
-        super().__init__(replicas, log_dir, data_root=data_root, start_timeout=start_timeout)
+        super().__init__(replicas, log_dir, data_root, start_timeout, isolation)
         self.name = f"apus-{transport}" + (f"-{app}" if app else "")
         self.app = app
         self.output_period = output_period
@@ -64,7 +67,7 @@ class ApusCluster(LocalEnsemble):
             durability=self.durability,
             data_dir=data_root,
             members={
-                i: Member("127.0.0.1", *ports[3 * i : 3 * i + 3]) for i in range(self.replicas)
+                i: Member(self.host(i), *ports[3 * i : 3 * i + 3]) for i in range(self.replicas)
             },
             key=secrets.token_hex(16),
             timing=self.timing,

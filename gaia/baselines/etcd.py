@@ -1,4 +1,4 @@
-"""etcd baseline: an N-member cluster on loopback (Debian's etcd 3.4) and a JSON-gateway client.
+"""etcd baseline: an N-member cluster on this host (Debian's etcd 3.4) and a JSON-gateway client.
 
 A write is one `put` through the v3 JSON gateway (/v3/kv/put, base64 keys and values) over a
 kept-alive HTTP connection: it returns after the Raft leader committed the entry to a majority
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gaia.cluster.ensemble import GROUP_COMMIT, NO_FSYNC, LocalEnsemble
+from gaia.cluster.netns import Isolation
 from gaia.cluster.procs import ManagedProcess, ProcessSpec, free_ports
 from gaia.systems import SystemUnavailable
 
@@ -36,9 +37,20 @@ class EtcdError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class MemberPorts:
+class Member:
+    """Where one member listens: its host (namespace address or 127.0.0.1) and two ports."""
+
+    host: str
     client: int
     peer: int
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer}"
 
 
 def _b64(data: bytes) -> str:
@@ -61,9 +73,9 @@ def call(conn: http.client.HTTPConnection, path: str, body: Mapping[str, Any] | 
     return json.loads(data)
 
 
-def probe(port: int, path: str, body: Mapping[str, Any] | None = None) -> Any:
+def probe(member: Member, path: str, body: Mapping[str, Any] | None = None) -> Any:
     """One request on a fresh connection; None if the member does not answer it (yet)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
+    conn = http.client.HTTPConnection(member.host, member.client, timeout=1.0)
     try:
         return call(conn, path, body)
     except (OSError, ValueError, http.client.HTTPException, EtcdError):
@@ -72,22 +84,22 @@ def probe(port: int, path: str, body: Mapping[str, Any] | None = None) -> Any:
         conn.close()
 
 
-def member_status(port: int) -> tuple[str, str] | None:
+def member_status(member: Member) -> tuple[str, str] | None:
     """(this member's id, the leader's id as it sees it; "0" for none), or None if silent."""
-    status = probe(port, "/v3/maintenance/status", {})
+    status = probe(member, "/v3/maintenance/status", {})
     if status is None:
         return None
     return str(status["header"]["member_id"]), str(status.get("leader", "0"))
 
 
-def member_leader(port: int) -> str | None:
+def member_leader(member: Member) -> str | None:
     """The leader's id as this member sees it, or None while it is unhealthy or leaderless.
 
     /health is true only once the member has a leader and can serve a quorum read; the status
     call then names the leader, so the caller can check that all members agree on it.
     """
-    health = probe(port, "/health")
-    status = member_status(port) if health and health.get("health") == "true" else None
+    health = probe(member, "/health")
+    status = member_status(member) if health and health.get("health") == "true" else None
     return None if status is None or status[1] == "0" else status[1]
 
 
@@ -111,10 +123,10 @@ def supports_no_fsync(binary: str) -> bool:
 class EtcdClient:
     """One kept-alive HTTP connection to one member; each `submit` puts this client's key."""
 
-    def __init__(self, port: int, key: str, timeout: float) -> None:
+    def __init__(self, member: Member, key: str, timeout: float) -> None:
         self.key = key
         self._key = _b64(key.encode())
-        self._conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self._conn = http.client.HTTPConnection(member.host, member.client, timeout=timeout)
         self._conn.connect()
         self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -147,6 +159,7 @@ class Etcd(LocalEnsemble):
         binary: str = "etcd",
         data_root: Path | None = None,
         start_timeout: float = 30.0,
+        isolation: str | Isolation = "auto",
     ) -> None:
         path = shutil.which(binary)
         if path is None:
@@ -159,19 +172,18 @@ class Etcd(LocalEnsemble):
                 f"etcd {etcd_version(path)} has no {NO_FSYNC_FLAG}: "
                 "etcd without fsync cannot run on this target"
             )
-        super().__init__(replicas, log_dir, data_root=data_root, start_timeout=start_timeout)
+        super().__init__(replicas, log_dir, data_root, start_timeout, isolation)
         self.name = "etcd" if fsync else "etcd-nosync"
         self.fsync = fsync
         self.request_timeout = request_timeout
         self.binary = path
-        self.ports: list[MemberPorts] = []
+        self.ports: list[Member] = []
 
     def _server_specs(self, data_root: Path) -> list[ProcessSpec]:
         ports = free_ports(2 * self.replicas)
-        self.ports = [MemberPorts(*ports[i : i + 2]) for i in range(0, len(ports), 2)]
+        self.ports = [Member(self.host(i), *ports[2 * i : 2 * i + 2]) for i in range(self.replicas)]
         initial_cluster = ",".join(
-            f"e{index}=http://127.0.0.1:{member.peer}"
-            for index, member in enumerate(self.ports, start=1)
+            f"e{index}={member.peer_url}" for index, member in enumerate(self.ports, start=1)
         )
         # A fresh token per cluster: members of another run can never join this one.
         token = f"gaia-{uuid.uuid4().hex[:12]}"
@@ -181,8 +193,7 @@ class Etcd(LocalEnsemble):
             # Created here, not by etcd, so stale data under a given data_root is refused
             # (FileExistsError) instead of silently rejoining a cluster that no longer exists.
             (data_root / name).mkdir(mode=0o700, parents=True)
-            client_url = f"http://127.0.0.1:{member.client}"
-            peer_url = f"http://127.0.0.1:{member.peer}"
+            client_url, peer_url = member.client_url, member.peer_url
             argv = [
                 self.binary,
                 f"--name={name}",
@@ -202,7 +213,7 @@ class Etcd(LocalEnsemble):
         return specs
 
     def _not_ready(self) -> list[ManagedProcess]:
-        leaders = [member_leader(member.client) for member in self.ports]
+        leaders = [member_leader(member) for member in self.ports]
         leaderless = [s for s, leader in zip(self.servers, leaders, strict=True) if leader is None]
         if leaderless:
             return leaderless
@@ -213,7 +224,7 @@ class Etcd(LocalEnsemble):
         leadership to a member that is shutting down; stopped after them, it finds no peer to
         hand it to and exits at once (teardown ~0.1 s instead of ~7 s)."""
         statuses = [
-            member_status(member.client) if server.running() else None
+            member_status(member) if server.running() else None
             for server, member in zip(self.servers, self.ports, strict=True)
         ]
         leaders = {status[1] for status in statuses if status is not None}
@@ -228,9 +239,7 @@ class Etcd(LocalEnsemble):
     def client(self, first: int | None = None) -> EtcdClient:
         """A new connection to member `first` (default: round robin)."""
         number, member = self._next_client(first)
-        return EtcdClient(
-            self.ports[member].client, f"{KEY_PREFIX}/client-{number}", self.request_timeout
-        )
+        return EtcdClient(self.ports[member], f"{KEY_PREFIX}/client-{number}", self.request_timeout)
 
     def _details(self) -> Mapping[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""ZooKeeper baseline: an N-server ensemble on loopback (Debian's ZooKeeper 3.8) and a kazoo client.
+"""ZooKeeper baseline: an N-server ensemble on this host (Debian's ZooKeeper 3.8), a kazoo client.
 
 The servers run in quorum mode even for N = 1 (`standaloneEnabled=false`), so every size goes
 through the same Zab path and has a leader. A write is a synchronous `set` of the client's own
@@ -19,6 +19,7 @@ from typing import Any
 from kazoo.client import KazooClient
 
 from gaia.cluster.ensemble import GROUP_COMMIT, NO_FSYNC, LocalEnsemble
+from gaia.cluster.netns import Isolation
 from gaia.cluster.procs import ManagedProcess, ProcessSpec, free_ports
 from gaia.systems import SystemUnavailable
 
@@ -39,7 +40,10 @@ KEY_PREFIX = "/gaia"
 
 
 @dataclass(frozen=True)
-class ServerPorts:
+class Server:
+    """Where one server listens: its host (namespace address or 127.0.0.1) and three ports."""
+
+    host: str
     client: int
     peer: int
     election: int
@@ -47,8 +51,8 @@ class ServerPorts:
 
 def zoo_cfg(
     data_dir: Path,
-    client_port: int,
-    ensemble: Sequence[ServerPorts],
+    own: Server,
+    ensemble: Sequence[Server],
     *,
     force_sync: bool,
     tick_ms: int,
@@ -60,24 +64,24 @@ def zoo_cfg(
         "initLimit=10",
         "syncLimit=5",
         f"dataDir={data_dir}",
-        f"clientPort={client_port}",
-        "clientPortAddress=127.0.0.1",
-        "maxClientCnxns=0",  # every benchmark client connects from 127.0.0.1
+        f"clientPort={own.client}",
+        f"clientPortAddress={own.host}",
+        "maxClientCnxns=0",  # every benchmark client connects from the same address
         "standaloneEnabled=false",
         "admin.enableServer=false",
         "4lw.commands.whitelist=srvr,stat,ruok",
         f"forceSync={'yes' if force_sync else 'no'}",
     ]
     lines += [
-        f"server.{myid}=127.0.0.1:{ports.peer}:{ports.election}"
-        for myid, ports in enumerate(ensemble, start=1)
+        f"server.{myid}={server.host}:{server.peer}:{server.election}"
+        for myid, server in enumerate(ensemble, start=1)
     ]
     return "\n".join(lines) + "\n"
 
 
-def four_letter_word(port: int, word: str, timeout: float = 1.0) -> str:
+def four_letter_word(host: str, port: int, word: str, timeout: float = 1.0) -> str:
     """Send a four-letter command (e.g. `srvr`) to a server's client port; return its answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(word.encode())
         chunks = []
         while chunk := sock.recv(4096):
@@ -85,10 +89,10 @@ def four_letter_word(port: int, word: str, timeout: float = 1.0) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def server_mode(port: int) -> str | None:
+def server_mode(host: str, port: int) -> str | None:
     """`leader` or `follower` from `srvr`, or None while the server does not serve."""
     try:
-        answer = four_letter_word(port, "srvr")
+        answer = four_letter_word(host, port, "srvr")
     except OSError:
         return None
     match = re.search(r"^Mode: (\S+)", answer, re.MULTILINE)
@@ -153,24 +157,25 @@ class ZooKeeper(LocalEnsemble):
         server_script: Path = SERVER_SCRIPT,
         data_root: Path | None = None,
         start_timeout: float = 60.0,
+        isolation: str | Isolation = "auto",
     ) -> None:
         if not server_script.is_file():
             raise SystemUnavailable(
                 f"ZooKeeper is not installed: {server_script} is missing "
                 "(Debian packages zookeeper and zookeeperd; `invoke setup` installs them)"
             )
-        super().__init__(replicas, log_dir, data_root=data_root, start_timeout=start_timeout)
+        super().__init__(replicas, log_dir, data_root, start_timeout, isolation)
         self.name = "zookeeper" if force_sync else "zookeeper-nosync"
         self.force_sync = force_sync
         self.heap = f"-Xms{min(64, heap_mb)}m -Xmx{heap_mb}m"
         self.tick_ms = tick_ms
         self.session_timeout = session_timeout
         self.server_script = server_script
-        self.ports: list[ServerPorts] = []
+        self.ports: list[Server] = []
 
     def _server_specs(self, data_root: Path) -> list[ProcessSpec]:
         ports = free_ports(3 * self.replicas)
-        self.ports = [ServerPorts(*ports[i : i + 3]) for i in range(0, len(ports), 3)]
+        self.ports = [Server(self.host(i), *ports[3 * i : 3 * i + 3]) for i in range(self.replicas)]
         specs = []
         for myid, own in enumerate(self.ports, start=1):
             name = f"zk{myid}"
@@ -181,7 +186,7 @@ class ZooKeeper(LocalEnsemble):
             config.write_text(
                 zoo_cfg(
                     data_dir,
-                    own.client,
+                    own,
                     self.ports,
                     force_sync=self.force_sync,
                     tick_ms=self.tick_ms,
@@ -201,7 +206,7 @@ class ZooKeeper(LocalEnsemble):
     def modes(self) -> list[str | None]:
         """Each server's mode (`leader`, `follower`, or None if it does not answer)."""
         return [
-            server_mode(ports.client) if server.running() else None
+            server_mode(ports.host, ports.client) if server.running() else None
             for server, ports in zip(self.servers, self.ports, strict=True)
         ]
 
@@ -217,7 +222,7 @@ class ZooKeeper(LocalEnsemble):
         the others in order."""
         number, start = self._next_client(first)
         order = self.ports[start:] + self.ports[:start]
-        hosts = ",".join(f"127.0.0.1:{ports.client}" for ports in order)
+        hosts = ",".join(f"{ports.host}:{ports.client}" for ports in order)
         return ZooKeeperClient(hosts, f"{KEY_PREFIX}/client-{number}", self.session_timeout)
 
     def _details(self) -> Mapping[str, Any]:

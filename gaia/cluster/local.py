@@ -1,10 +1,16 @@
 """A long-lived local APUS cluster for people: `invoke cluster.up / cluster.status / cluster.down`.
 
 `up` starts a detached supervisor process (`python -m gaia.cluster.local run ...`) that starts
-the replicas, writes the cluster's state file, and stops every replica (and removes its shared
-memory) when it gets SIGTERM, so the cluster outlives the `invoke` command but never its
-supervisor. Replicas run as plain processes on loopback: network namespaces per replica are
-not implemented yet, and `status` says so.
+the replicas, writes the cluster's state file, and stops every replica (and removes its network
+namespaces and shared memory) when it gets SIGTERM, so the cluster outlives the `invoke` command
+but never its supervisor. Replicas run each in its own network namespace when the supervisor
+can make them (root; isolation "auto", the default), else as plain processes on 127.0.0.1;
+`status` says which and why ("isolation").
+
+A supervisor that dies without stopping its cluster (SIGKILL, a crash) leaves the replicas
+running. The next `up`, `status` or `down` finds its state file, sees it dead, and cleans up:
+it kills the replicas it recorded (checking PID and start time, so never a stranger), removes
+the namespaces (killing anything still inside) and the shared memory.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from gaia.apus.systems import ApusCluster
+from gaia.cluster import netns
+from gaia.cluster.procs import ProcessIdentity
+from gaia.transport.shm import cleanup_shm
 
 DEFAULT_STATE_DIR = Path(".gaia") / "cluster"
-ISOLATION = "plain processes on 127.0.0.1 (per-replica network namespaces: not implemented yet)"
 
 
 class ClusterError(RuntimeError):
@@ -44,15 +52,34 @@ def _alive(pid: int) -> bool:
 
 
 def read_state(state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, Any] | None:
-    """The running cluster's state, or None (a stale file of a dead supervisor is removed)."""
+    """The running cluster's state, or None; the leftovers of a dead supervisor are cleaned up
+    (see the module) and its stale file removed."""
+    return _read(state_dir)[0]
+
+
+def _read(state_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the live cluster's state or None, what was cleaned up after a dead supervisor)."""
     path = _state_file(state_dir)
     if not path.exists():
-        return None
+        return None, []
     state: dict[str, Any] = json.loads(path.read_text())
-    if not _alive(int(state["supervisor"])):
-        path.unlink()
-        return None
-    return state
+    if _alive(int(state["supervisor"])):
+        return state, []
+    removed = clean_up_after(state)
+    path.unlink(missing_ok=True)
+    return None, removed
+
+
+def clean_up_after(state: dict[str, Any]) -> list[str]:
+    """Remove what a dead supervisor left: its replicas, namespaces and shared memory."""
+    removed = []
+    for name, identity in state.get("processes", {}).items():
+        if ProcessIdentity(int(identity["pid"]), int(identity["start"])).kill_group():
+            removed.append(f"{name} (pid {identity['pid']})")
+    if state.get("isolation", {}).get("mode") == "netns":
+        removed += netns.cleanup(state["network_id"])
+    removed += [str(path) for path in cleanup_shm(state["cluster_id"])]
+    return removed
 
 
 def up(
@@ -63,6 +90,7 @@ def up(
     timeout: float = 60.0,
     *,
     app: str = "",
+    isolation: str = "auto",
 ) -> dict[str, Any]:
     if read_state(state_dir) is not None:
         raise ClusterError(f"a cluster is already up (state in {state_dir}); cluster.down first")
@@ -70,6 +98,7 @@ def up(
     argv = [sys.executable, "-m", "gaia.cluster.local", "run", "--state-dir", str(state_dir)]
     argv += ["--replicas", str(replicas), "--transport", transport, "--durability", durability]
     argv += ["--app", app]
+    argv += ["--isolation", isolation]
     with open(state_dir / "supervisor.log", "wb") as out:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
@@ -113,10 +142,10 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, Any]:
 
 
 def down(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 30.0) -> bool:
-    """Stop the cluster; False if none was up."""
-    state = read_state(state_dir)
+    """Stop the cluster, or clean up after its dead supervisor; False if there was nothing."""
+    state, removed = _read(state_dir)
     if state is None:
-        return False
+        return bool(removed)
     pid = int(state["supervisor"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -139,20 +168,28 @@ def _supervise(args: argparse.Namespace) -> int:
         durability=args.durability,
         data_root=args.state_dir / "data",
         app=args.app,
+        isolation=args.isolation,
     )
     cluster.start()
     try:
+        identities = {p.name: ProcessIdentity.of(p.pid) for p in cluster.servers}
         state = {
             "supervisor": os.getpid(),
             "system": cluster.name,
             "cluster_id": cluster.cluster_id,
-            "isolation": ISOLATION,
+            "network_id": cluster.network_id,
+            "isolation": cluster.describe()["isolation"],
             "describe": dict(cluster.describe()),
             "clients": {str(i): list(a) for i, a in cluster.addresses.items()},
             "app": args.app or None,
             "app_servers": {str(i): list(a) for i, a in cluster.app_addresses.items()}
             if args.app
             else {},
+            "processes": {
+                name: {"pid": i.pid, "start": i.start}
+                for name, i in identities.items()
+                if i is not None
+            },
             "logs": str((args.state_dir / "logs").resolve()),
         }
         tmp = _state_file(args.state_dir).with_suffix(".tmp")
@@ -176,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--transport", default="shm")
     run.add_argument("--durability", default="memory")
     run.add_argument("--app", default="", help="redis or memcached: replicate that server")
+    run.add_argument("--isolation", default="auto", choices=netns.REQUESTS)
     return _supervise(ap.parse_args(argv))
 
 

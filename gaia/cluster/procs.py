@@ -128,21 +128,61 @@ def live_group_members(pgid: int) -> list[int]:
     return [pid for pid, pgrp in _live_processes() if pgrp == pgid]
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, or None if there is no such process.
+
+    Field N of proc(5) is element N - 3: state, ppid, pgrp, ..., start time (field 22) at 19.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # exited while we looked
+        return None
+    # The command name (field 2) is parenthesised and may itself contain ")" or spaces.
+    return stat.rsplit(")", 1)[1].split()
+
+
 def _live_processes() -> list[tuple[int, int]]:
     """(pid, process group) of every live process, from one pass over /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited while we looked
-            continue
-        # Fields after the parenthesised command name: state, ppid, pgrp, ...
-        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]
-        if state not in ("Z", "X"):
-            found.append((int(entry.name), int(pgrp)))
+        fields = _stat_fields(entry.name)
+        if fields is not None and fields[0] not in ("Z", "X"):
+            found.append((int(entry.name), int(fields[2])))
     return found
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process as another process (or a later run) can recognise it: its PID and its start
+    time since boot, so a PID the kernel has since handed to someone else never matches."""
+
+    pid: int
+    start: int  # clock ticks after boot, /proc/PID/stat field 22
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        """The identity of live process `pid`, or None if it is gone (or a zombie)."""
+        fields = _stat_fields(pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            return None
+        return cls(pid, int(fields[19]))
+
+    def alive(self) -> bool:
+        return ProcessIdentity.of(self.pid) == self
+
+    def kill_group(self) -> bool:
+        """SIGKILL this process's group if this very process still leads it; True if it did.
+
+        For cleaning up after a crashed supervisor, whose children outlive it (each leads its
+        own session, see ProcessGroup): the group id is the leader's PID, checked first."""
+        fields = _stat_fields(self.pid)
+        if not self.alive() or fields is None or int(fields[2]) != self.pid:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        return True
 
 
 def free_ports(count: int) -> list[int]:

@@ -44,6 +44,12 @@ SURVIVES_MACHINE_CRASH: frozenset[str] = frozenset({"fsync", "group-commit"})
 """Policies under which an acknowledged entry is on disk; curves of one class are like for like."""
 
 Profile = Literal["full", "quick"]
+Isolation = Literal["auto", "netns", "none"]
+"""Where each replica of a local system runs (gaia.cluster.ensemble): `netns`, a network
+namespace of its own, reached through a bridge; `none`, plain processes on 127.0.0.1; `auto`,
+`netns` where the runner may make namespaces (root), else `none`. One value for every system of
+an experiment, so the comparison is like for like; the mode each system ran with is in every
+results row and in its system.json, with the reason."""
 ClaimTest = Literal["approx", "at_least", "at_most"]
 
 _RATIO = re.compile(r"^\s*([\w.-]+)@(\d+)\s*/\s*([\w.-]+)@(\d+)\s*$")
@@ -179,6 +185,7 @@ class Experiment:
     paper: Paper
     claims: tuple[Claim, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
+    isolation: Isolation = "auto"
     profile: Profile = "full"
 
     def __post_init__(self) -> None:

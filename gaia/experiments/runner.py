@@ -68,12 +68,27 @@ def check(experiment: Experiment, target: str) -> None:
     for index, spec in enumerate(experiment.systems):
         factory = system_factory(spec.system)
         try:
-            inspect.signature(factory).bind(1, Path("."), **spec.params)
+            inspect.signature(factory).bind(1, Path("."), **factory_params(experiment, spec))
         except TypeError as exc:
             raise DefinitionError(
                 f"{experiment.name}: systems[{index}] ({spec.series}): params {dict(spec.params)} "
                 f"do not fit {spec.system}'s factory {inspect.signature(factory)}: {exc}"
             ) from None
+
+
+def factory_params(experiment: Experiment, spec: SystemSpec) -> dict[str, Any]:
+    """What a curve's factory gets: its `params`, plus the experiment's `isolation` for every
+    system that runs replicas of its own (takes an `isolation` parameter) and sets none."""
+    params = dict(spec.params)
+    if "isolation" in inspect.signature(system_factory(spec.system)).parameters:
+        params.setdefault("isolation", experiment.isolation)
+    return params
+
+
+def _isolation_of(system: ReplicatedSystem) -> str:
+    """The isolation mode a running system reports, "" for one without replicas of its own."""
+    isolation = system.describe().get("isolation")
+    return str(isolation.get("mode", "")) if isinstance(isolation, dict) else ""
 
 
 def run(
@@ -96,7 +111,11 @@ def run(
     run_dir.write_env(
         describe_environment(
             target=target,
-            parameters={"profile": experiment.profile, "trials": experiment.trials},
+            parameters={
+                "profile": experiment.profile,
+                "trials": experiment.trials,
+                "isolation": experiment.isolation,
+            },
             debian_packages=[p for s in experiment.systems for p in s.packages],
             results_dir=run_dir.path,
         )
@@ -162,7 +181,8 @@ class _Session:
             log_dir = self.run_dir.log_dir(name)
             with self.progress_task(f"starting {name}") as task:
                 try:
-                    system = system_factory(spec.system)(replicas, log_dir, **spec.params)
+                    factory = system_factory(spec.system)
+                    system = factory(replicas, log_dir, **factory_params(self.experiment, spec))
                     with _running(system, log_dir):
                         self.check_durability(spec, system)
                         while pending and self.run_trial(system, pending[0], log_dir, task):
@@ -213,10 +233,24 @@ class _Session:
             recording = run_closed_loop(system.client, load, show)
         except Exception as exc:
             details = _traceback_file(log_dir, trial.id, exc)
-            self.record(trial, "failed", _one_line(exc), log_dir=log_dir, details=details)
+            self.record(
+                trial,
+                "failed",
+                _one_line(exc),
+                log_dir=log_dir,
+                details=details,
+                isolation=_isolation_of(system),
+            )
             return False
         self.run_dir.write_samples(trial.id, recording)
-        self.record(trial, "ok", "", log_dir=log_dir, metrics=recording.metrics())
+        self.record(
+            trial,
+            "ok",
+            "",
+            log_dir=log_dir,
+            metrics=recording.metrics(),
+            isolation=_isolation_of(system),
+        )
         return True
 
     def check_durability(self, spec: SystemSpec, system: ReplicatedSystem) -> None:
@@ -236,6 +270,7 @@ class _Session:
         log_dir: Path | None = None,
         details: Path | None = None,
         metrics: Metrics | None = None,
+        isolation: str = "",
     ) -> None:
         """Append the trial's row and print its line."""
         if details is not None:
@@ -251,6 +286,7 @@ class _Session:
             trial=trial.number,
             status=status,
             reason=reason,
+            isolation=isolation,
             log_dir=self.run_dir.relative(log_dir) if log_dir is not None else "",
             finished_utc=utc_now().isoformat(timespec="seconds"),
             **(dataclasses.asdict(metrics) if metrics is not None else {}),

@@ -88,6 +88,7 @@ def test_leader_failover_keeps_every_acknowledged_write(app_cluster: MakeCluster
     assert old is not None
     r = leader_redis(cluster)
     acknowledged: list[int] = []
+    failure: list[Exception] = []
     stop = threading.Event()
 
     def writer() -> None:
@@ -95,14 +96,16 @@ def test_leader_failover_keeps_every_acknowledged_write(app_cluster: MakeCluster
         while not stop.is_set():
             try:
                 r.rpush("log", k)
-            except (redis.ConnectionError, redis.TimeoutError):
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                failure.append(e)
                 return  # the leader died under us: k may or may not be in
             acknowledged.append(k)
             k += 1
 
     thread = threading.Thread(target=writer)
     thread.start()
-    wait_until(lambda: len(acknowledged) >= 100, what="writes before the crash")
+    wait_until(lambda: len(acknowledged) >= 100 or bool(failure), what="writes before the crash")
+    assert not failure, failure  # the leader was still up
     cluster.kill(old)
     thread.join(timeout=30)
     stop.set()

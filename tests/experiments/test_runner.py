@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,7 +17,8 @@ from rich.console import Console
 
 from gaia.experiments.definition import load
 from gaia.experiments.errors import DefinitionError
-from gaia.experiments.runner import run
+from gaia.experiments.runner import factory_params, run
+from gaia.report import render
 from gaia.results import COLUMNS, Paths, RunDir
 from tests.experiments.conftest import TINY, tiny, write_definition
 
@@ -62,7 +64,7 @@ def test_a_run_is_a_self_describing_directory(project: Paths) -> None:
 def test_env_json_records_the_machine_and_versions(project: Paths) -> None:
     env = run_tiny(project).env()
     assert env["target"] == "local"
-    assert env["parameters"] == {"profile": "full", "trials": 3}
+    assert env["parameters"] == {"profile": "full", "trials": 3, "isolation": "auto"}
     assert len(env["git"]["commit"]) == 40 and isinstance(env["git"]["dirty"], bool)
     host = env["host"]
     for field in ("hostname", "kernel", "cpu_model", "os", "results_filesystem"):
@@ -72,6 +74,42 @@ def test_env_json_records_the_machine_and_versions(project: Paths) -> None:
     assert env["python_packages"]["numpy"] and env["python_packages"]["gaia"]
     assert env["debian_packages"]["dpkg"]  # installed: has a version
     assert env["debian_packages"]["no-such-package-gaia"] is None
+
+
+@pytest.mark.integration
+def test_one_isolation_for_every_system_recorded_in_each_row(project: Paths) -> None:
+    definition = tiny(
+        systems=[
+            {
+                "system": "apus-shm",
+                "durability": "memory",
+                "params": {"durability": "memory"},
+                "replicas": [3],
+            },
+            TINY["systems"][0],
+        ],
+        paper={"source": "x", "connections": 1},
+        claims=[],
+        trials=1,
+        client_modes=[{"connections": 1}],
+        isolation="none",
+    )
+    write_definition(project, definition)
+    experiment = load("tiny", project.experiments)
+    apus, reference = experiment.systems
+    pinned = dataclasses.replace(apus, params={"isolation": "netns"})
+    assert factory_params(experiment, apus) == {"durability": "memory", "isolation": "none"}
+    assert factory_params(experiment, pinned) == {"isolation": "netns"}  # a curve's own wins
+    assert "isolation" not in factory_params(experiment, reference)  # a single process
+
+    run_dir = run_tiny(project)
+    rows = run_dir.results().set_index("series")
+    assert rows.loc["apus-shm", "status"] == "ok" and rows.loc["apus-shm", "isolation"] == "none"
+    assert rows.loc["local-fsync", "isolation"] == ""
+    system = json.loads((run_dir.path / "logs" / "apus-shm-r3" / "system.json").read_text())
+    assert system["isolation"]["mode"] == "none" and "asked for" in system["isolation"]["reason"]
+    assert run_dir.env()["parameters"]["isolation"] == "none"
+    assert "Replicas ran as plain processes on 127.0.0.1." in render(run_dir, project)
 
 
 def test_failed_trials_are_recorded_and_the_run_goes_on(project: Paths) -> None:
@@ -136,7 +174,7 @@ import sys
 from pathlib import Path
 from gaia.experiments.definition import load
 from gaia.experiments.errors import RunInterrupted
-from gaia.experiments.runner import run
+from gaia.experiments.runner import factory_params, run
 from gaia.results import Paths
 paths = Paths(Path(sys.argv[1]))
 try:
