@@ -42,7 +42,9 @@
 #include "shim_layout.h"
 
 #define FD_LIMIT 65536
-#define SPINS 4000
+/* Spin only briefly before sleeping on the futex: an agreed input takes hundreds of µs here,
+ * and on a 2-core machine a spinning server takes the CPU the replica daemons need. */
+#define SPINS 256
 #define DAEMON_SILENCE_NS (3LL * 1000 * 1000 * 1000) /* no heartbeat this long: daemon gone */
 
 typedef ssize_t (*read_fn)(int, void *, size_t);
