@@ -157,6 +157,14 @@ def test_k_narrows_the_guest_selection_without_widening_it() -> None:
     assert f"--basetemp={lane.GUEST_BASETEMP}" in command
 
 
+@pytest.mark.slow
+def test_whether_k_selects_any_rdma_test_is_asked_of_pytest_here() -> None:
+    """So that invoke test -k does not boot a guest with nothing to run."""
+    root = Path(__file__).resolve().parent.parent
+    assert lane.selects_any(root, "wrong_rkey")
+    assert not lane.selects_any(root, "test_storage")  # a host test: no rdma test matches
+
+
 @pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs")
 def test_the_tree_image_holds_the_sources_and_the_run_script(tmp_path: Path) -> None:
     source = tmp_path / "repo"

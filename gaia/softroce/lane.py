@@ -20,6 +20,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -108,6 +109,18 @@ def run_lane(
     )
     out = out or default_cache() / "last-run"
     return image, run(image, source, out, tests=selection(k), echo=say)
+
+
+def selects_any(source: Path, k: str) -> bool:
+    """Whether `selection(k)` picks any test, asked of pytest on this host (collection only: a
+    few seconds, against minutes for a guest that would find nothing to run). The rdma tests
+    are collected here too; they only skip when run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *selection(k)],
+        cwd=source, capture_output=True, check=False,
+    )  # fmt: skip
+    return done.returncode != NO_TESTS
 
 
 def guest_command(tests: Sequence[str]) -> list[str]:
