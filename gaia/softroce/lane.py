@@ -17,6 +17,7 @@ command, output and exit status are: what explains a failure that happened in th
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -52,6 +53,13 @@ LANE_VALUE = "softroce-tcg"
 """run.sh sets LANE_ENV=LANE_VALUE for the guest's tests: they run under emulation (slower
 timing, longer bounds) and must find an RDMA device (a missing one is an error there, not a
 reason to skip)."""
+
+
+
+def in_lane() -> bool:
+    """True in the lane's guest (run.sh sets LANE_ENV there), for the tests' slower pace."""
+    return os.environ.get(LANE_ENV) == LANE_VALUE
+
 
 _MARKER = "gaia-lane: rxe0 is up"
 REPORT = "gaia-lane: the tests exited with status "

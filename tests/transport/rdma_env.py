@@ -3,17 +3,15 @@ run in the Soft-RoCE lane's emulated guest."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from gaia.softroce.lane import LANE_ENV
+from gaia.softroce.lane import in_lane
 from gaia.transport import TransportUnavailable
 from gaia.transport.rdma import load_pyverbs, open_device
 
-IN_LANE = os.environ.get(LANE_ENV, "")
-"""Non-empty ("softroce-tcg") in the Soft-RoCE lane's guest: QEMU's software emulation, where
-Python runs many times slower than here (and slower still when the host is busy)."""
+IN_LANE = in_lane()
+"""True in the Soft-RoCE lane's guest: QEMU's software emulation, where Python runs many times
+slower than here (and slower still when the host is busy)."""
 
 
 def rdma_missing() -> str:
