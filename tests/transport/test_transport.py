@@ -177,6 +177,24 @@ def test_a_sealed_record_is_never_seen_before_its_body(
         stop(t, process, 1)
 
 
+def test_a_failure_is_reported_before_it_shows_in_failed_peers(
+    kind: str, make_cluster: Callable[[int], ClusterSpec]
+) -> None:
+    """Whoever finds a peer in failed_peers finds its report made (the lane once saw the peer
+    there and no report yet); a write from the callback to that peer is the same failure."""
+    seen: list[tuple[int, bool]] = []
+
+    def report(peer: int, why: str) -> None:
+        seen.append((peer, peer in t.failed_peers))
+        t.write(peer, 0, b"x")
+
+    with make_transport(kind, 0, REGION, make_cluster(2), on_peer_failure=report) as t:
+        t.write(1, 0, b"x")  # peer 1 never came up
+        assert seen == [(1, False)]
+        assert t.failed_peers == frozenset({1})
+        assert t.stats.dropped_failed == 2
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_dead_peer_fails_fast_and_a_restarted_one_is_reconnected(
