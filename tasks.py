@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,16 @@ def lint(c: Context) -> None:
     c.run("mypy", pty=False)
 
 
-@task(help={"k": "only tests matching this pytest -k expression", "fast": "skip slow tests"})
-def test(c: Context, k: str = "", fast: bool = False) -> None:
-    """The test suite, as CI runs it: lint, then pytest (exit code 5, no tests, is a failure)."""
+@task(
+    help={
+        "k": "only tests matching this pytest -k expression (in the Soft-RoCE lane too)",
+        "fast": "skip slow tests, and the Soft-RoCE lane",
+        "rdma": "run the Soft-RoCE lane after pytest (the default; --no-rdma leaves it out)",
+    }
+)
+def test(c: Context, k: str = "", fast: bool = False, rdma: bool = True) -> None:
+    """Everything CI runs: lint, pytest (exit code 5, no tests, is a failure), then the
+    Soft-RoCE lane (invoke test-rdma: minutes; --no-rdma or --fast leave it out)."""
     lint(c)
     provision.ensure(provision.TEST_ROLES)
     args = ["python", "-m", "pytest", "-q"]
@@ -40,8 +48,22 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     code = result.exited if result is not None else 1
     if code == 5:
         print("pytest collected no tests: that is a failure here", file=sys.stderr)
-    if code != 0:
-        sys.exit(code)
+    if not rdma or fast:
+        print(
+            f"gaia test: the Soft-RoCE lane was left out ({'--fast' if fast else '--no-rdma'});"
+            " CI runs it (invoke test-rdma runs it alone)",
+            file=sys.stderr,
+        )
+        lane_code = 0
+    else:
+        lane_code = _lane(k, need_tests=False)
+    if code != 0 or lane_code != 0:
+        print(
+            f"gaia test: FAILED: pytest {'passed' if code == 0 else f'exit status {code}'},"
+            f" Soft-RoCE lane {'passed' if lane_code == 0 else f'exit status {lane_code}'}",
+            file=sys.stderr,
+        )
+        sys.exit(code or lane_code)
 
 
 @task(
@@ -52,29 +74,48 @@ def test(c: Context, k: str = "", fast: bool = False) -> None:
     }
 )
 def test_rdma(c: Context, k: str = "", out: str = "") -> None:
-    """The Soft-RoCE lane: rdma transport and APUS-over-rdma tests on rxe0 in a QEMU guest.
+    """The Soft-RoCE lane alone: rdma transport and APUS-over-rdma tests on rxe0 in a QEMU
+    guest (the last part of invoke test); installs what it needs (softroce role)."""
+    code = _lane(k, Path(out) if out else None)
+    if code != 0:
+        sys.exit(code)
 
-    Takes minutes and is not part of `invoke test`; installs what it needs (softroce role)."""
+
+def _lane(k: str, out: Path | None = None, need_tests: bool = True) -> int:
+    """Run the Soft-RoCE lane and say how it went; its exit status (0: passed). Anything that
+    keeps it from running here is a failure that names the reason, never a skip. A -k that
+    selects no rdma test fails too, unless `need_tests` is False (invoke test -k, where the
+    host's tests are what was asked for): then the lane says so and is not booted."""
     from gaia.softroce.image import ImageError
-    from gaia.softroce.lane import run_lane
+    from gaia.softroce.lane import NO_TESTS, run_lane, selects_any
 
-    provision.ensure(["softroce", "rdma"])
     started = time.monotonic()
+    if k and not selects_any(provision.ROOT, k):
+        print(f"gaia test-rdma: no rdma test matches -k {k!r}: the lane has nothing to run")
+        return NO_TESTS if need_tests else 0
     try:
-        image, outcome = run_lane(provision.ROOT, k=k, out=Path(out) if out else None)
+        provision.ensure(["softroce", "rdma"])
+        image, outcome = run_lane(provision.ROOT, k=k, out=out)
+    except provision.ProvisionError as error:
+        print(f"gaia test-rdma: FAILED: cannot install what the lane needs: {error}")
+        return 1
     except ImageError as error:
-        sys.exit(f"gaia test-rdma: could not build the guest image: {error}")
+        print(f"gaia test-rdma: FAILED: could not build the guest image: {error}")
+        return 1
+    except (OSError, subprocess.CalledProcessError) as error:
+        print(f"gaia test-rdma: FAILED: the lane could not run: {error}")
+        return 1
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
     verdict = "passed" if outcome.passed else f"FAILED: {outcome.why}"
     print(
         f"gaia test-rdma: {verdict}\n"
         f"  image {'built' if image.built else 'cached'} in {image.seconds:.1f} s, guest run"
-        f" {outcome.seconds:.1f} s, total {time.monotonic() - started:.1f} s\n"
+        f" {outcome.seconds:.1f} s, total {time.monotonic() - started:.1f} s"
+        " (with any package installation)\n"
         f"  console log: {outcome.log}; the tests' files (replica logs): {outcome.out}/pytest"
     )
-    if not outcome.passed:
-        sys.exit(outcome.status or 1)
+    return 0 if outcome.passed else outcome.status or 1
 
 
 @task(

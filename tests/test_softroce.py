@@ -121,19 +121,30 @@ def test_qemu_boots_the_cached_root_read_only_with_the_tree_as_second_disk(
 
 
 @pytest.mark.parametrize(
-    ("qemu_exit", "status", "why"),
+    ("qemu_exit", "reported", "status", "why"),
     [
-        (1, 0, ""),
-        (3, 1, "tests failed"),
-        (2 * lane.SETUP_FAILED + 1, lane.SETUP_FAILED, "rxe0"),
-        (0, None, "without reporting a status"),
-        (2, None, "QEMU failed"),
+        (1, 0, 0, ""),
+        (3, 1, 1, "tests failed"),
+        (11, 5, 5, "collected no tests"),
+        (2 * lane.SETUP_FAILED + 1, None, lane.SETUP_FAILED, "rxe0"),
+        (1, None, None, "never reported"),  # QEMU's own error exit looks like status 0
+        (1, 3, None, "reported 3"),
+        (0, None, None, "without reporting a status"),
+        (2, None, None, "QEMU failed"),
     ],
 )
-def test_the_exit_status_protocol(qemu_exit: int, status: int | None, why: str) -> None:
-    got_status, got_why = lane.decode_exit(qemu_exit)
+def test_the_exit_status_protocol(
+    qemu_exit: int, reported: int | None, status: int | None, why: str
+) -> None:
+    got_status, got_why = lane.decode_exit(qemu_exit, reported)
     assert got_status == status
     assert why in got_why if why else got_why == ""
+
+
+def test_the_reported_status_is_run_shs_last_report_on_the_console() -> None:
+    console = [f"{lane.REPORT}1", "[  9.1] rxe: a kernel line", f"{lane.REPORT}0", "reboot"]
+    assert lane.reported_status(console) == 0
+    assert lane.reported_status([f"{lane.REPORT}x", "login:"]) is None
 
 
 def test_k_narrows_the_guest_selection_without_widening_it() -> None:
@@ -146,6 +157,14 @@ def test_k_narrows_the_guest_selection_without_widening_it() -> None:
     assert f"--basetemp={lane.GUEST_BASETEMP}" in command
 
 
+@pytest.mark.slow
+def test_whether_k_selects_any_rdma_test_is_asked_of_pytest_here() -> None:
+    """So that invoke test -k does not boot a guest with nothing to run."""
+    root = Path(__file__).resolve().parent.parent
+    assert lane.selects_any(root, "wrong_rkey")
+    assert not lane.selects_any(root, "test_storage")  # a host test: no rdma test matches
+
+
 @pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs")
 def test_the_tree_image_holds_the_sources_and_the_run_script(tmp_path: Path) -> None:
     source = tmp_path / "repo"
@@ -155,7 +174,8 @@ def test_the_tree_image_holds_the_sources_and_the_run_script(tmp_path: Path) -> 
     (source / "tests").mkdir()
     (source / "pyproject.toml").write_text("[project]\n")
     tree = tmp_path / "tree.img"
-    lane.make_tree_image(source, ["python3", "-m", "pytest", "-k", "a and (b)"], tree)
+    command = ["sh", "-c", f'test "${lane.LANE_ENV}" = {lane.LANE_VALUE} && exit 3', "a and (b)"]
+    lane.make_tree_image(source, command, tree)
 
     def debugfs(request: str) -> str:
         done = subprocess.run(
@@ -165,5 +185,11 @@ def test_the_tree_image_holds_the_sources_and_the_run_script(tmp_path: Path) -> 
         return done.stdout
 
     assert debugfs("cat /gaia/__init__.py") == "# gaia\n"
-    assert "python3 -m pytest -k 'a and (b)'" in debugfs("cat /.lane/run.sh")
+    run_sh = debugfs("cat /.lane/run.sh")
+    assert "'a and (b)'" in run_sh
+    ran = subprocess.run(
+        ["sh", "-c", run_sh], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert ran.returncode == 3  # the command saw the lane's variable, and its status came out
+    assert lane.reported_status(ran.stdout.splitlines()) == 3
     assert "__pycache__" not in debugfs("ls /gaia")

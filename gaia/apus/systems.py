@@ -42,7 +42,12 @@ class ApusCluster(LocalEnsemble):
         app: str = "",
         output_period: int = 64,
         checkpoint_every: int = 0,
+        status_timeout: float = 1.0,
+        client_timeout: float = 10.0,
     ) -> None:
+        """`status_timeout`: how long a replica may take to answer STATUS before it counts as
+        down; `client_timeout`: how long the clients from `client()` wait for an input to be
+        committed (both longer on a slow machine, like `start_timeout` and `timing`)."""
         super().__init__(replicas, log_dir, data_root, start_timeout, isolation)
         self.name = f"apus-{transport}" + (f"-{app}" if app else "")
         self.app = app
@@ -51,6 +56,8 @@ class ApusCluster(LocalEnsemble):
         self.transport = transport
         self.durability = check_durability(durability)
         self.timing = timing or Timing()
+        self.status_timeout = status_timeout
+        self.client_timeout = client_timeout
         self.cluster_id = f"apus{secrets.token_hex(4)}"
         self.config: ClusterConfig | None = None
 
@@ -96,7 +103,7 @@ class ApusCluster(LocalEnsemble):
         out: dict[int, dict[str, Any] | None] = {}
         for i, address in self.addresses.items():
             try:
-                out[i] = replica_status(address)
+                out[i] = replica_status(address, self.status_timeout)
             except OSError:
                 out[i] = None
         return out
@@ -130,7 +137,11 @@ class ApusCluster(LocalEnsemble):
         )
 
     def client(self, first: int | None = None) -> ApusClient:
-        return ApusClient(self.addresses, first=self.leader() if first is None else first)
+        return ApusClient(
+            self.addresses,
+            first=self.leader() if first is None else first,
+            timeout=self.client_timeout,
+        )
 
     def stop(self) -> None:
         try:

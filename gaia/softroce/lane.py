@@ -5,7 +5,9 @@ Each run copies the current tree (gaia/, tests/, pyproject.toml; no caches) into
 disk, and boots the cached guest image (see `image`) with its root disk in snapshot mode, so a
 run never changes the cache and two runs can share it. The guest's init hands run.sh's exit
 status to QEMU's isa-debug-exit device, which makes QEMU exit with 2 * status + 1: an even exit
-status means the guest never got that far (it crashed, or QEMU failed).
+status means the guest never got that far (it crashed, or QEMU failed). QEMU also exits with 1
+(what a status of 0 gives) when it fails on its own, e.g. on a missing disk image, so a pass
+also needs run.sh's last word on the console (`REPORT` and the same status).
 
 What a run leaves in its output directory: console.log (the guest console, echoed from the
 start of the tests on as it comes) and pytest/, the tests' temporary directories (pytest's
@@ -15,9 +17,11 @@ command, output and exit status are: what explains a failure that happened in th
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,7 +45,25 @@ GUEST_BASETEMP = ".lane/pytest"
 SETUP_FAILED = 125
 """run.sh's status when the guest could not bring rxe0 up (see image.INIT_SCRIPT)."""
 
+NO_TESTS = 5
+"""pytest's exit status when it selected no tests: a failure here, as in invoke test."""
+
+LANE_ENV = "GAIA_LANE"
+LANE_VALUE = "softroce-tcg"
+"""run.sh sets LANE_ENV=LANE_VALUE for the guest's tests: they run under emulation (slower
+timing, longer bounds) and must find an RDMA device (a missing one is an error there, not a
+reason to skip)."""
+
+
+
+def in_lane() -> bool:
+    """True in the lane's guest (run.sh sets LANE_ENV there), for the tests' slower pace."""
+    return os.environ.get(LANE_ENV) == LANE_VALUE
+
+
 _MARKER = "gaia-lane: rxe0 is up"
+REPORT = "gaia-lane: the tests exited with status "
+"""What run.sh prints last, followed by the tests' exit status."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +119,18 @@ def run_lane(
     return image, run(image, source, out, tests=selection(k), echo=say)
 
 
+def selects_any(source: Path, k: str) -> bool:
+    """Whether `selection(k)` picks any test, asked of pytest on this host (collection only: a
+    few seconds, against minutes for a guest that would find nothing to run). The rdma tests
+    are collected here too; they only skip when run."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *selection(k)],
+        cwd=source, capture_output=True, check=False,
+    )  # fmt: skip
+    return done.returncode != NO_TESTS
+
+
 def guest_command(tests: Sequence[str]) -> list[str]:
     """The pytest command line run in the guest (Debian's python3 with its pyverbs)."""
     return [
@@ -127,14 +161,32 @@ def qemu_command(image: Image, tree_image: Path, spec: GuestSpec) -> list[str]:
     ]  # fmt: skip
 
 
-def decode_exit(qemu_exit: int) -> tuple[int | None, str]:
-    """(guest status, explanation) from QEMU's exit status."""
+def reported_status(console: Sequence[str]) -> int | None:
+    """The status run.sh reported on the guest console (its last `REPORT` line), if any."""
+    for line in reversed(console):
+        if line.startswith(REPORT) and line[len(REPORT) :].strip().isdigit():
+            return int(line[len(REPORT) :])
+    return None
+
+
+def decode_exit(qemu_exit: int, reported: int | None) -> tuple[int | None, str]:
+    """(guest status, explanation) from QEMU's exit status and the status run.sh reported
+    on the console (None: no report)."""
     if qemu_exit % 2 == 1:
         status = qemu_exit // 2
-        if status == 0:
-            return 0, ""
         if status == SETUP_FAILED:
             return status, "the guest could not bring rxe0 up (see the log)"
+        if reported is None:
+            return None, (
+                f"QEMU exited with status {qemu_exit} but the tests never reported theirs"
+                " (QEMU's own error? see the log)"
+            )
+        if reported != status:
+            return None, f"QEMU exited with status {qemu_exit}, the tests reported {reported}"
+        if status == 0:
+            return 0, ""
+        if status == NO_TESTS:
+            return status, "pytest in the guest collected no tests (exit status 5)"
         return status, f"the tests failed in the guest (pytest exit status {status})"
     if qemu_exit == 0:
         return None, "the guest stopped without reporting a status (crash? see the log)"
@@ -155,7 +207,11 @@ def make_tree_image(source: Path, command: Sequence[str], dest: Path) -> None:
         (tree / ".lane").mkdir()
         (tree / ".lane" / "run.sh").write_text(
             "# Written by gaia/softroce/lane.py for one run of the Soft-RoCE lane.\n"
+            f"export {LANE_ENV}={LANE_VALUE}\n"
             f"{shlex.join(command)}\n"
+            "status=$?\n"
+            f'echo "{REPORT}$status"\n'
+            "exit $status\n"
         )
         size_mb = 256 + 2 * sum(p.stat().st_size for p in tree.rglob("*") if p.is_file()) // 2**20
         subprocess.run(
@@ -193,7 +249,8 @@ def run(
     if qemu_exit is None:
         status, why = None, f"the guest did not finish within {spec.timeout:.0f} s (killed)"
     else:
-        status, why = decode_exit(qemu_exit)
+        console = (out / "console.log").read_text(errors="replace").splitlines()
+        status, why = decode_exit(qemu_exit, reported_status(console))
     return Outcome(status, qemu_exit, time.monotonic() - start, out, why)
 
 

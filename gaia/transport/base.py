@@ -153,6 +153,8 @@ class Transport(ABC):
         self._on_peer_failure = on_peer_failure
         self._cut: set[int] = set()
         self._failed: set[int] = set()
+        self._unreported: set[int] = set()
+        """failed, but not logged and reported yet: not in failed_peers until they are"""
         self._failed_lock = threading.Lock()
 
     @property
@@ -217,18 +219,29 @@ class Transport(ABC):
 
     @property
     def failed_peers(self) -> frozenset[int]:
-        """Peers whose last contact failed (dead, restarting, unreachable); cleared on recovery."""
-        return frozenset(self._failed)
+        """Peers whose last contact failed (dead, restarting, unreachable); cleared on recovery.
+        A peer shows here only once its failure is logged and reported (`on_peer_failure`)."""
+        with self._failed_lock:
+            return frozenset(self._failed - self._unreported)
 
     def _mark_failed(self, peer: int, reason: str) -> None:
-        """Record a failure once per transition to failed, so a dead peer does not flood logs."""
+        """Record a failure once per transition to failed, so a dead peer does not flood logs.
+        The failure is logged and reported before it shows in `failed_peers` (whoever finds it
+        there finds the report made), without holding a lock over the callback: a failure seen
+        again meanwhile, even from the callback, is the same transition, and a recovery
+        meanwhile still counts."""
         with self._failed_lock:
             if peer in self._failed:
                 return
             self._failed.add(peer)
-        log.warning("%s replica %d: peer %d failed: %s", self.kind, self.me, peer, reason)
-        if self._on_peer_failure is not None:
-            self._on_peer_failure(peer, reason)
+            self._unreported.add(peer)
+        try:
+            log.warning("%s replica %d: peer %d failed: %s", self.kind, self.me, peer, reason)
+            if self._on_peer_failure is not None:
+                self._on_peer_failure(peer, reason)
+        finally:
+            with self._failed_lock:
+                self._unreported.discard(peer)
 
     def _reject(self, peer: int | None, reason: str) -> None:
         """Count a refused handshake or frame. It is logged before it is counted, so whoever

@@ -1,6 +1,7 @@
 """test_cluster.py's scenarios on a 3-replica APUS cluster over the rdma transport: commit,
 lose a backup and catch it up, fail the leader over. They need an RDMA device, so they run in
-the Soft-RoCE lane (invoke test-rdma) and skip elsewhere."""
+the Soft-RoCE lane (invoke test-rdma) and skip elsewhere; in the lane's emulated guest at
+test_cluster's EMULATED pace (slower core timing, longer bounds)."""
 
 from __future__ import annotations
 
@@ -23,5 +24,5 @@ __all__ = [
 pytestmark = [
     pytest.mark.parametrize("cluster", [pytest.param("rdma", marks=needs_rdma)], indirect=True),
     pytest.mark.integration,
-    pytest.mark.timeout(300),
+    pytest.mark.timeout(600),
 ]

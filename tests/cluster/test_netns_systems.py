@@ -18,7 +18,7 @@ from gaia.cluster import netns
 from gaia.cluster.ensemble import LocalEnsemble
 from gaia.transport.shm import DEFAULT_SHM_DIR
 
-from ..apus.test_cluster import submit, wait_for
+from ..apus.test_cluster import PACE, submit, wait_for
 from .netns_env import needs_netns
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -57,7 +57,8 @@ def test_apus_commits_inside_namespaces(apus: ApusCluster) -> None:
     with closing(apus.client()) as client:
         committed = submit(client, 50, "in-netns")
     wait_for(
-        lambda: all(s is not None and s["applied"] >= committed for s in apus.statuses().values())
+        lambda: all(s is not None and s["applied"] >= committed for s in apus.statuses().values()),
+        PACE.settle,
     )
 
 
@@ -105,11 +106,15 @@ def test_a_backup_cut_off_from_the_leader_catches_up_once_healed(apus: ApusClust
     statuses = apus.statuses()  # from here, through the bridge: only the replicas' link is cut
     assert statuses[leader] is not None and statuses[leader]["commit"] >= during
     assert statuses[backup] is not None and statuses[backup]["applied"] < during
-    wait_for(lambda: (s := apus.statuses()[other]) is not None and s["applied"] >= during)
+    wait_for(
+        lambda: (s := apus.statuses()[other]) is not None and s["applied"] >= during, PACE.settle
+    )
 
     apus.heal()
     after = submit(client, 10, "after")
-    wait_for(lambda: (s := apus.statuses()[backup]) is not None and s["applied"] >= after)
+    wait_for(
+        lambda: (s := apus.statuses()[backup]) is not None and s["applied"] >= after, PACE.settle
+    )
     assert after > during > before
     client.close()
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from gaia.softroce.lane import in_lane
 from gaia.transport import ClusterSpec, Transport, make_transport
 
 U64 = struct.Struct("<Q")
@@ -21,6 +22,11 @@ STOP_OFFSET = 0
 STOP = 2**64 - 1
 REGION = 8192
 RECORD = 1024  # torn-write test: 127 body words and a trailing seal word, all holding k
+START = 60.0 if in_lane() else 10.0
+"""Seconds a freshly spawned peer gets to come up and connect: its interpreter imports gaia and
+pyverbs, which in the Soft-RoCE lane's emulated guest on a busy host took more than 10 s."""
+SETTLE = 120.0 if in_lane() else 30.0
+"""Seconds for the rest a test or a peer waits on (the other side's writes, STOP, an exit)."""
 
 
 def word(t: Transport, offset: int) -> int:
@@ -28,7 +34,7 @@ def word(t: Transport, offset: int) -> int:
     return value
 
 
-def wait_for(t: Transport, done: Callable[[], bool], timeout: float = 30.0) -> None:
+def wait_for(t: Transport, done: Callable[[], bool], timeout: float = SETTLE) -> None:
     """Drive `t.wait` until `done()`; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while not done():
@@ -39,7 +45,7 @@ def wait_for(t: Transport, done: Callable[[], bool], timeout: float = 30.0) -> N
 def stop(t: Transport, process: BaseProcess, peer: int) -> None:
     """Tell a peer process to finish (repeating: writes may be dropped while it reconnects)
     and check that it exited cleanly."""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SETTLE
     while process.is_alive() and time.monotonic() < deadline:
         t.write(peer, STOP_OFFSET, U64.pack(STOP))
         process.join(0.05)
@@ -60,7 +66,7 @@ def jitter(k: int) -> None:
             time.sleep(0.0002)
 
 
-def serve_until_stop(t: Transport, timeout: float = 30.0) -> None:
+def serve_until_stop(t: Transport, timeout: float = SETTLE) -> None:
     deadline = time.monotonic() + timeout
     while word(t, STOP_OFFSET) != STOP:
         if time.monotonic() > deadline:
@@ -73,7 +79,7 @@ def write_patterns(
 ) -> None:
     """Make `writes` (peer, offset, data), then set word `done` of replica 0 to 1."""
     with make_transport(kind, me, REGION, cluster) as t:
-        t.connect(10)
+        t.connect(START)
         for peer, offset, data in writes:
             t.write(peer, offset, data)
         t.write(0, done, U64.pack(1))
@@ -83,7 +89,7 @@ def write_patterns(
 def echo(kind: str, me: int, cluster: ClusterSpec, rounds: int, options: dict[str, Any]) -> None:
     """Each time word 8 of my region holds a new k, write k into word 8 * (me + 1) of replica 0."""
     with make_transport(kind, me, REGION, cluster, **options) as t:
-        t.connect(10)
+        t.connect(START)
         last = 0
         while last < rounds:
             if not t.wait(10):
@@ -99,7 +105,7 @@ def echo(kind: str, me: int, cluster: ClusterSpec, rounds: int, options: dict[st
 def write_records(kind: str, me: int, cluster: ClusterSpec, count: int, offset: int) -> None:
     """Overwrite one record in replica 0 `count` times as fast as possible, k = 1..count."""
     with make_transport(kind, me, REGION, cluster) as t:
-        t.connect(10)
+        t.connect(START)
         for k in range(1, count + 1):
             t.write(0, offset, struct.pack(f"<{RECORD // 8}Q", *[k] * (RECORD // 8)))
         serve_until_stop(t)
@@ -109,7 +115,7 @@ def announce(kind: str, me: int, cluster: ClusterSpec, generation: int) -> None:
     """Write my generation into word 8 * (me + 1) of replica 0 (repeating until it gets
     through, as a restarted replica's first writes may race its peers' reconnection)."""
     with make_transport(kind, me, REGION, cluster) as t:
-        t.connect(10)
+        t.connect(START)
         while word(t, STOP_OFFSET) != STOP:
             t.write(0, 8 * (me + 1), U64.pack(generation))
             t.wait(0.05)

@@ -105,7 +105,7 @@ def test_writes_from_two_peers_land_at_their_offsets(
             me: spawn(peers.write_patterns, kind, me, cluster, writes, 16 + 8 * me)
             for me, writes in patterns.items()
         }
-        t.connect(10)
+        t.connect(peers.START)
         wait_for(t, lambda: word(t, 24) == 1 and word(t, 32) == 1)
         for writes in patterns.values():
             for peer, offset, data in writes:
@@ -143,7 +143,7 @@ def test_wait_never_misses_a_write(
     cluster = make_cluster(2)
     with make_transport(kind, 0, REGION, cluster, **options) as t:
         process = spawn(peers.echo, kind, 1, cluster, rounds, options)
-        t.connect(10)
+        t.connect(peers.START)
         for k in range(1, rounds + 1):
             peers.jitter(k // 4)
             t.write(1, 8, U64.pack(k))
@@ -165,7 +165,7 @@ def test_a_sealed_record_is_never_seen_before_its_body(
     cluster = make_cluster(2)
     with make_transport(kind, 0, REGION, cluster) as t:
         process = spawn(peers.write_records, kind, 1, cluster, count, offset)
-        t.connect(10)
+        t.connect(peers.START)
         seen = 0
         while seen < count:
             assert t.wait(5), f"final record not noticed (last seen {seen})"
@@ -175,6 +175,24 @@ def test_a_sealed_record_is_never_seen_before_its_body(
             assert seal >= seen
             seen = seal
         stop(t, process, 1)
+
+
+def test_a_failure_is_reported_before_it_shows_in_failed_peers(
+    kind: str, make_cluster: Callable[[int], ClusterSpec]
+) -> None:
+    """Whoever finds a peer in failed_peers finds its report made (the lane once saw the peer
+    there and no report yet); a write from the callback to that peer is the same failure."""
+    seen: list[tuple[int, bool]] = []
+
+    def report(peer: int, why: str) -> None:
+        seen.append((peer, peer in t.failed_peers))
+        t.write(peer, 0, b"x")
+
+    with make_transport(kind, 0, REGION, make_cluster(2), on_peer_failure=report) as t:
+        t.write(1, 0, b"x")  # peer 1 never came up
+        assert seen == [(1, False)]
+        assert t.failed_peers == frozenset({1})
+        assert t.stats.dropped_failed == 2
 
 
 @pytest.mark.integration
@@ -188,7 +206,7 @@ def test_dead_peer_fails_fast_and_a_restarted_one_is_reconnected(
         kind, 0, REGION, cluster, on_peer_failure=lambda p, why: reports.append((p, why))
     ) as t:
         first = spawn(peers.announce, kind, 1, cluster, 1)
-        t.connect(10)
+        t.connect(peers.START)
         wait_for(t, lambda: word(t, 16) == 1)
         os.kill(first.pid or 0, signal.SIGKILL)
         first.join(5)
@@ -210,6 +228,6 @@ def test_dead_peer_fails_fast_and_a_restarted_one_is_reconnected(
 
         second = spawn(peers.announce, kind, 1, cluster, 2)
         wait_for(t, lambda: word(t, 16) == 2)
-        t.connect(10)
+        t.connect(peers.START)
         assert t.failed_peers == frozenset()
         stop(t, second, 1)
