@@ -190,14 +190,20 @@ def unavailable_because(euid: int | None = None) -> str | None:
 
 @functools.cache
 def _probe() -> str | None:
-    """Make and delete one namespace (root is not enough in a container without CAP_SYS_ADMIN)."""
+    """Make and delete what a network needs: a namespace (root is not enough in a container
+    without CAP_SYS_ADMIN), a bridge and a veth into the namespace (a kernel may lack the
+    modules, as the Soft-RoCE lane's guest does)."""
     cluster_id = new_id()
+    ns = namespace_name(cluster_id, 0)
     try:
         with _locked():
             _claim(cluster_id)
-        ip("netns", "add", namespace_name(cluster_id, 0))
+        ip("netns", "add", ns)
+        ip("link", "add", bridge_name(cluster_id), "type", "bridge")
+        veth = veth_name(cluster_id, 0)
+        ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
     except (NetnsError, OSError) as exc:
-        return f"`ip netns add` does not work here ({exc})"
+        return f"network namespaces with a bridge and veths do not work here ({exc})"
     finally:
         with contextlib.suppress(NetnsError, OSError):
             cleanup(cluster_id)
