@@ -85,17 +85,29 @@ class TrialRow:
     trial: int
     status: Status
     reason: str = ""
+    client_rtt_us: int = 0
     requests: int | None = None
     median_us: float | None = None
     mean_us: float | None = None
     p99_us: float | None = None
     throughput_rps: float | None = None
     duration_s: float | None = None
+    relay_rtt_us: float | None = None
+    consensus_inputs: int | None = None
+    input_calls: int | None = None
+    input_bytes_per_call: float | None = None
+    storage_mean_us: float | None = None
+    first_ack_mean_us: float | None = None
+    quorum_mean_us: float | None = None
     log_dir: str = ""
     finished_utc: str = ""
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialRow))
+DEFAULTS: Mapping[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(TrialRow) if f.default is not None
+}
+"""What a column holds in runs written before it existed (their results.csv lacks it)."""
 TEXT_COLUMNS: tuple[str, ...] = tuple(
     name
     for name, kind in typing.get_type_hints(TrialRow).items()
@@ -186,15 +198,20 @@ class RunDir:
         return self.status_file.read_text().strip() if self.status_file.exists() else "unknown"
 
     def results(self) -> pd.DataFrame:
-        """results.csv as a frame with every column, even when no trial finished."""
+        """results.csv as a frame with every column, even when no trial finished (and in the
+        current order, with defaults for the columns of newer versions in older runs)."""
         if not self.results_csv.exists():
             return pd.DataFrame(columns=list(COLUMNS))
-        return pd.read_csv(
+        rows = pd.read_csv(
             self.results_csv,
             dtype=dict.fromkeys(TEXT_COLUMNS, str),
             keep_default_na=False,  # an empty reason is "", an empty metric NaN
             na_values={c: [""] for c in COLUMNS if c not in TEXT_COLUMNS},
         )
+        for column, default in DEFAULTS.items():
+            if column not in rows:
+                rows[column] = default
+        return rows.reindex(columns=list(COLUMNS))
 
 
 class RowWriter:
