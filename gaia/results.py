@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from gaia.experiments.definition import Experiment, load_file, to_raw
-from gaia.workload import Recording
+from gaia.workload import InputBreakdown, Metrics, Recording
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,9 @@ class Paths:
 
 @dataclass(frozen=True)
 class TrialRow:
-    """One line of results.csv: a trial's identity, outcome, and metrics (empty unless ok)."""
+    """One line of results.csv: a trial's identity, outcome, and what it measured (empty unless
+    ok): the load's metrics, the relay's achieved round trip and the leader's breakdown, each
+    flattened into its own columns (`flat()`)."""
 
     trial_id: str
     series: str
@@ -86,26 +88,42 @@ class TrialRow:
     status: Status
     reason: str = ""
     client_rtt_us: int = 0
-    requests: int | None = None
-    median_us: float | None = None
-    mean_us: float | None = None
-    p99_us: float | None = None
-    throughput_rps: float | None = None
-    duration_s: float | None = None
+    metrics: Metrics | None = None
     relay_rtt_us: float | None = None
-    consensus_inputs: int | None = None
-    input_calls: int | None = None
-    input_bytes_per_call: float | None = None
-    storage_mean_us: float | None = None
-    first_ack_mean_us: float | None = None
-    quorum_mean_us: float | None = None
+    breakdown: InputBreakdown | None = None
     log_dir: str = ""
     finished_utc: str = ""
 
+    def flat(self) -> dict[str, Any]:
+        """Column -> value, as results.csv holds it (None: an empty cell)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _NESTED:
+                out.update(
+                    dataclasses.asdict(value)
+                    if value is not None
+                    else dict.fromkeys(_names(_NESTED[f.name]))
+                )
+            else:
+                out[f.name] = value
+        return out
 
-COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialRow))
+
+_NESTED: Mapping[str, type[Any]] = {"metrics": Metrics, "breakdown": InputBreakdown}
+
+
+def _names(kind: type[Any]) -> list[str]:
+    return [f.name for f in dataclasses.fields(kind)]
+
+
+COLUMNS: tuple[str, ...] = tuple(
+    name
+    for f in dataclasses.fields(TrialRow)
+    for name in (_names(_NESTED[f.name]) if f.name in _NESTED else [f.name])
+)
 DEFAULTS: Mapping[str, Any] = {
-    f.name: f.default for f in dataclasses.fields(TrialRow) if f.default is not None
+    f.name: f.default for f in dataclasses.fields(TrialRow) if f.default not in (None, "")
 }
 """What a column holds in runs written before it existed (their results.csv lacks it)."""
 TEXT_COLUMNS: tuple[str, ...] = tuple(
@@ -226,8 +244,7 @@ class RowWriter:
         self._sync()
 
     def append(self, row: TrialRow) -> None:
-        values = dataclasses.asdict(row)
-        self._writer.writerow({k: "" if v is None else v for k, v in values.items()})
+        self._writer.writerow({k: "" if v is None else v for k, v in row.flat().items()})
         self._sync()
 
     def _sync(self) -> None:

@@ -33,7 +33,6 @@ Outcomes, one results row per trial, all recorded and none fatal to the run:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import itertools
 import signal
@@ -61,7 +60,7 @@ from gaia.experiments.errors import DefinitionError, RunInterrupted
 from gaia.experiments.registry import system_factory
 from gaia.results import Paths, RowWriter, RunDir, Status, TrialRow, utc_now, write_json
 from gaia.systems import ReplicatedSystem, ServesApp, SystemUnavailable
-from gaia.workload import Load, Metrics, run_closed_loop
+from gaia.workload import InputBreakdown, Load, Metrics, run_closed_loop
 
 RUNNABLE_TARGETS: tuple[str, ...] = ("local",)
 """Targets this runner drives. Remote ones need gaia.cluster's remote launcher (not yet)."""
@@ -273,8 +272,15 @@ class _Session:
         if measured.relay is not None:
             write_json(log_dir / f"{trial.id}.relay.json", measured.relay.as_dict())
             relay_rtt_us = _rounded(measured.relay.measured_rtt_us)
-        extra = {**dataclasses.asdict(measured.breakdown), "relay_rtt_us": relay_rtt_us}
-        self.record(trial, "ok", "", log_dir=log_dir, metrics=measured.metrics, extra=extra)
+        self.record(
+            trial,
+            "ok",
+            "",
+            log_dir=log_dir,
+            metrics=measured.metrics,
+            breakdown=measured.breakdown,
+            relay_rtt_us=relay_rtt_us,
+        )
         return True
 
     def check_durability(self, spec: SystemSpec, system: ReplicatedSystem) -> None:
@@ -294,7 +300,8 @@ class _Session:
         log_dir: Path | None = None,
         details: Path | None = None,
         metrics: Metrics | None = None,
-        extra: dict[str, Any] | None = None,
+        breakdown: InputBreakdown | None = None,
+        relay_rtt_us: float | None = None,
     ) -> None:
         """Append the trial's row and print its line."""
         if details is not None:
@@ -311,10 +318,11 @@ class _Session:
             trial=trial.number,
             status=status,
             reason=reason,
+            metrics=metrics,
+            relay_rtt_us=relay_rtt_us,
+            breakdown=breakdown,
             log_dir=self.run_dir.relative(log_dir) if log_dir is not None else "",
             finished_utc=utc_now().isoformat(timespec="seconds"),
-            **(dataclasses.asdict(metrics) if metrics is not None else {}),
-            **(extra or {}),
         )
         self.rows.append(row)
         self.progress.advance(self.overall)
@@ -381,18 +389,16 @@ def _line(row: TrialRow) -> str:
     """One printed line per finished trial."""
     rtt = f" +{row.client_rtt_us}µs" if row.client_rtt_us else ""
     where = f"{row.series} r{row.replicas} c{row.connections}{rtt} t{row.trial}"
-    if row.status == "ok":
-        center = (
-            f"median {row.median_us:.1f} µs"
-            if row.median_us is not None
-            else f"mean {row.mean_us:.1f} µs"
-        )
+    m = row.metrics
+    if row.status == "ok" and m is not None:
+        center = f"median {m.median_us:.1f} µs" if m.median_us is not None else ""
+        center = center or f"mean {m.mean_us:.1f} µs"
         text = (
             f"[green]{'ok':<12}[/] {where}: {center}, "
-            f"p99 {row.p99_us:.1f} µs, {row.throughput_rps:.0f} req/s"
+            f"p99 {m.p99_us:.1f} µs, {m.throughput_rps:.0f} req/s"
         )
-        if row.quorum_mean_us is not None:
-            text += f", consensus {row.quorum_mean_us:.0f} µs"
+        if row.breakdown is not None and row.breakdown.quorum_mean_us is not None:
+            text += f", consensus {row.breakdown.quorum_mean_us:.0f} µs"
         if row.relay_rtt_us is not None:
             text += f", relay RTT {row.relay_rtt_us:.0f} µs"
         return text

@@ -18,6 +18,7 @@ from gaia.experiments.errors import DefinitionError, MissingDependency
 from gaia.experiments.reproduce import publish, reproduce
 from gaia.experiments.runner import run
 from gaia.results import COLUMNS, Paths, RowWriter, RunDir, TrialRow
+from gaia.workload import InputBreakdown, Metrics
 from tests.experiments.conftest import tiny, write_definition
 
 REPO = Paths()
@@ -240,17 +241,8 @@ def breakdown_row(series: str, number: int, quorum: float) -> TrialRow:
         connections=8,
         trial=number,
         status="ok",
-        requests=10_000,
-        mean_us=5000.0,
-        p99_us=9000.0,
-        throughput_rps=1500.0,
-        duration_s=6.6,
-        consensus_inputs=10_035,
-        input_calls=10_001,
-        input_bytes_per_call=40.5,
-        storage_mean_us=300.0,
-        first_ack_mean_us=420.0,
-        quorum_mean_us=quorum,
+        metrics=Metrics(10_000, None, 5000.0, 9000.0, 1500.0, 6.6),
+        breakdown=InputBreakdown(10_035, 10_001, 40.5, 300.0, 420.0, quorum),
     )
 
 
