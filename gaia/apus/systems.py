@@ -36,7 +36,7 @@ class ApusCluster(LocalEnsemble):
         durability: str = "memory",
         data_root: Path | None = None,
         start_timeout: float = 30.0,
-        timing: Timing | None = None,
+        timing: Timing | Mapping[str, Any] | None = None,
         app: str = "",
         output_period: int = 64,
     ) -> None:
@@ -48,7 +48,8 @@ class ApusCluster(LocalEnsemble):
         self.output_period = output_period
         self.transport = transport
         self.durability = check_durability(durability)
-        self.timing = timing or Timing()
+        # a definition's params give timing as a mapping, e.g. {election_ticks: 300}
+        self.timing = timing if isinstance(timing, Timing) else Timing(**(timing or {}))
         self.cluster_id = f"apus{secrets.token_hex(4)}"
         self.config: ClusterConfig | None = None
 
