@@ -296,12 +296,16 @@ BREAKDOWN_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     (
         "time per consensus (µs)",
         (
-            ("storage_mean_us", "storage (L2)"),
+            ("storage_mean_us", "storage (L2 + L3)"),
             ("first_ack_mean_us", "first ack"),
             ("quorum_mean_us", "majority ack (consensus)"),
         ),
     ),
 )
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
 
 
 def breakdown_figure(experiment: Experiment, rows: pd.DataFrame, subtitle: str) -> Figure:
@@ -327,7 +331,7 @@ def breakdown_figure(experiment: Experiment, rows: pd.DataFrame, subtitle: str) 
                     point = mine.iloc[0]
                     low = np.nan_to_num(point["median"] - point["low"])
                     high = np.nan_to_num(point["high"] - point["median"])
-                    ax.bar(
+                    bars = ax.bar(
                         m_index + c_index * width,
                         point["median"],
                         width,
@@ -336,8 +340,9 @@ def breakdown_figure(experiment: Experiment, rows: pd.DataFrame, subtitle: str) 
                         color=colours[c_index],
                         label=f"measured: {label}",
                     )
+                    ax.bar_label(bars, [_figure(point["median"])], fontsize="x-small", padding=2)
                 if metric in paper:
-                    ax.bar(
+                    bars = ax.bar(
                         m_index + len(curves) * width,
                         paper[metric],
                         width,
@@ -346,10 +351,13 @@ def breakdown_figure(experiment: Experiment, rows: pd.DataFrame, subtitle: str) 
                         hatch="//",
                         label="paper",
                     )
+                    ax.bar_label(bars, [_figure(paper[metric])], fontsize="x-small", padding=2)
             centres = [i + len(curves) * width / 2 for i in range(len(names))]
-            ax.set_xticks(centres, names, rotation=12, fontsize="small")
+            ax.set_xticks(centres, [textwrap.fill(n, 14) for n in names], fontsize="small")
             if title.startswith("time"):
                 ax.set_yscale("log")
+                ax.set_ylim(bottom=1)
+            ax.margins(y=0.12)
             ax.set_title(title)
         _legend(figure, axes)
         figure.suptitle(f"{experiment.title}\n{subtitle}", fontsize="medium")

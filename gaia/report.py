@@ -666,7 +666,8 @@ def _breakdown_sections(experiment: Experiment, rows: pd.DataFrame) -> list[str]
         "Counted by the leader over the measured run only (warm-up excluded): the shim's "
         "counters of reads and their bytes, the inputs the daemon proposed for it (accept, "
         "read and close each go through consensus), and the means of each input's storage "
-        "(local log write), first-ack and majority-ack (consensus) times from its proposal.",
+        "(the local log write and the writes to the backups, L2 + L3), first-ack and "
+        "majority-ack (consensus) times from its proposal.",
         "",
         _markdown_table(header, table),
         "",
