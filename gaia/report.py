@@ -369,6 +369,8 @@ def _notes(experiment: Experiment) -> list[str]:
 
 
 def _measured_sections(experiment: Experiment, rows: pd.DataFrame) -> list[str]:
+    if experiment.figure != "latency-vs-replicas" and not (rows["status"] == "ok").any():
+        return ["### Measured", "", "Nothing was measured in this run (see below).", ""]
     if experiment.figure == "load-vs-connections":
         return _load_sections(experiment, rows)
     if experiment.figure == "breakdown":

@@ -29,6 +29,10 @@ class App:
     argv: Callable[[str, int, Path], list[str]]
     threads: int  # worker threads it runs with (memcached: several; the shim copes)
     where: str = ""  # where the binary comes from, for the message when it is missing
+    # what its own persistence amounts to with this command line, in the experiments' words
+    # (gaia.experiments.definition.Durability): Redis and memcached keep nothing on disk;
+    # mongod journals every 100 ms and answers w:1 writes before that
+    durability: str = "memory"
 
 
 def _redis(host: str, port: int, workdir: Path) -> list[str]:
@@ -69,7 +73,9 @@ APPS: Mapping[str, App] = MappingProxyType(
         "memcached": App(
             "memcached", "memcached", _memcached, threads=2, where="the memcached role"
         ),
-        "mongodb": App("mongodb", "mongod", _mongod, threads=4, where=MONGODB_MISSING),
+        "mongodb": App(
+            "mongodb", "mongod", _mongod, threads=4, where=MONGODB_MISSING, durability="no-fsync"
+        ),
     }
 )
 

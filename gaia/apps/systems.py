@@ -91,8 +91,7 @@ class AppServer:
             "replicas": 1,
             "app": self.app.name,
             "argv": self.app.argv(HOST, self._port, Path("DATA")),
-            # the app experiments run every server without persistence of its own
-            "durability": "memory",
+            "durability": self.app.durability,
         }
 
 
