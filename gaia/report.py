@@ -593,7 +593,10 @@ def _limits(
         "thread waits in that read meanwhile, so a server with T worker threads takes at most "
         "T / (consensus time x agreed inputs per request) requests per second, whatever the "
         "number of connections. Consensus time is the leader's mean from proposing an input to "
-        "its majority ack (STATUS timing totals, over the measured run); client direct.",
+        "its majority ack (STATUS timing totals, over the measured run); client direct. What "
+        "keeps the measured rate below that ceiling is the rest of each input's path: the "
+        "shim's hand-over to the daemon's intake thread and back (a futex doorbell each way) "
+        "and the server's own work.",
         "",
         _markdown_table(header, table),
         "",
@@ -626,9 +629,11 @@ def _relay(
             f"netem is not available on this kernel: a user-space relay (gaia.apps.relay) holds "
             f"every chunk {rtt / 2:g} µs each way. Below, the mean delay chunks actually got "
             "inside the relay, both ways added (µs, median over trials). Well above the "
-            "configured value the relay (one Python thread) was saturated: the numbers at that "
-            "point are the relay's ceiling, not the server's, and the overhead there is "
-            "understated.",
+            "configured value the relay (one Python thread) was late: saturated by the load "
+            "(the baseline at many connections: its numbers there are the relay's ceiling, not "
+            "the server's, and the overhead is understated) or short of CPU next to the "
+            "replica daemons on a small machine (the replicated curve then got more delay than "
+            "asked for, and its overhead is overstated by about that much).",
             "",
             _markdown_table(("curve", *_modes_header(experiment)), table),
             "",
