@@ -559,7 +559,8 @@ def _limits(
                 continue
             assert quorum and inputs and requests and measured
             per_request = inputs.median / requests.median
-            ceiling = threads * 1e6 / (quorum.median * per_request)
+            in_flight = min(threads, mode.connections)  # a thread waits on one connection
+            ceiling = in_flight * 1e6 / (quorum.median * per_request)
             table.append(
                 (
                     _curve(spec, replicas),
@@ -567,7 +568,7 @@ def _limits(
                     _number(quorum.median),
                     _number(storage.median) if storage else "",
                     f"{per_request:.3f}",
-                    f"{threads}",
+                    f"{in_flight}",
                     _number(ceiling),
                     _number(measured.median),
                     f"{measured.median / ceiling:.2f}",
@@ -581,7 +582,7 @@ def _limits(
         "consensus, mean µs",
         "storage, mean µs",
         "agreed inputs per request",
-        "server threads",
+        "inputs in flight",
         "ceiling, req/s",
         "measured, req/s",
         "measured / ceiling",
@@ -590,9 +591,10 @@ def _limits(
         "### What limits it",
         "",
         "The shim holds every input the server reads until it is agreed, and the server's "
-        "thread waits in that read meanwhile, so a server with T worker threads takes at most "
-        "T / (consensus time x agreed inputs per request) requests per second, whatever the "
-        "number of connections. Consensus time is the leader's mean from proposing an input to "
+        "thread waits in that read meanwhile, so a server with T worker threads serving C "
+        "connections has at most min(T, C) inputs in flight and takes at most that many / "
+        "(consensus time x agreed inputs per request) requests per second, however many more "
+        "connections it has. Consensus time is the leader's mean from proposing an input to "
         "its majority ack (STATUS timing totals, over the measured run); client direct. What "
         "keeps the measured rate below that ceiling is the rest of each input's path: the "
         "shim's hand-over to the daemon's intake thread and back (a futex doorbell each way) "
