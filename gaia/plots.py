@@ -54,7 +54,9 @@ def plot_run(run_path: Path, paths: Paths | None = None) -> list[Path]:
     paths.figures.mkdir(parents=True, exist_ok=True)
     written = [paths.figure(experiment.name, suffix) for suffix in FORMATS]
     for path in written:
-        figure.savefig(path, dpi=160, bbox_inches="tight")
+        # no creation date in the PDF: the same results give the same bytes
+        metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
+        figure.savefig(path, dpi=160, bbox_inches="tight", metadata=metadata)
     return written
 
 

@@ -353,8 +353,9 @@ def _comparison_basis(experiment: Experiment) -> str:
         )
     skipped = unplanned_claims(experiment)
     if skipped:
+        many = len(skipped) != 1
         basis += (
-            f" {len(skipped)} further claim{'s' if len(skipped) != 1 else ''} need points "
+            f" {len(skipped)} further claim{'s need' if many else ' needs'} points "
             f"outside this {experiment.profile} sweep: "
             + "; ".join(c.claim for c in skipped)
             + "."

@@ -195,7 +195,7 @@ def test_redis_overhead_runs_end_to_end_and_publishes(project: Paths) -> None:
     assert "### Throughput lost vs `redis` (%, medians over trials)" in text
     assert "### What limits it" in text
     assert "### Client network: +301 µs round trip through the relay" in text
-    assert "further claim need points outside this full sweep" in text  # the 9-replica one
+    assert "1 further claim needs points outside this full sweep" in text  # the 9-replica one
 
 
 def test_mongodb_is_recorded_as_not_run_here(project: Paths) -> None:
