@@ -51,10 +51,16 @@ def describe(
     }
 
 
+GENERATED: tuple[str, ...] = ("paper_figures",)
+"""What runs write into the tree themselves: not a difference in the code that measured."""
+
+
 def git_state(root: Path) -> dict[str, Any]:
-    """Commit and whether the work tree differs from it (results of a dirty tree say so)."""
+    """Commit and whether the work tree differs from it (results of a dirty tree say so); the
+    figures and report earlier runs regenerated do not count."""
     commit = _run(["git", "-C", str(root), "rev-parse", "HEAD"])
-    status = _run(["git", "-C", str(root), "status", "--porcelain"])
+    excluded = [f":(exclude){path}" for path in GENERATED]
+    status = _run(["git", "-C", str(root), "status", "--porcelain", "--", ".", *excluded])
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 

@@ -20,14 +20,17 @@ import pandas as pd
 from rich.table import Table
 
 from gaia import stats
+from gaia.apps import APPS
 from gaia.experiments.definition import (
     DURABILITY_LABELS,
+    HIGHER_IS_BETTER,
     SURVIVES_MACHINE_CRASH,
     Claim,
     ClientMode,
     Experiment,
     PaperSeries,
     Point,
+    SystemSpec,
 )
 from gaia.results import Paths, RunDir
 
@@ -54,26 +57,47 @@ class Comparison:
 
 
 class _Measurements:
-    """Median latency per (curve, replicas, connections), and why a point has none."""
+    """Medians over trials per (curve, replicas, connections, round trip) of any metric, and why
+    a point has none."""
 
     def __init__(self, experiment: Experiment, rows: pd.DataFrame) -> None:
         self.experiment = experiment
         self.rows = rows
-        self.summary = stats.summarize(rows).set_index(list(stats.GROUP_BY))
+        self._summaries: dict[str, pd.DataFrame] = {}
 
-    def estimate(self, point: Point, connections: int) -> stats.Estimate | None:
-        key = (point.series, point.replicas, connections)
-        if key not in self.summary.index:
+    def summary(self, metric: str) -> pd.DataFrame:
+        if metric not in self._summaries:
+            found = stats.summarize(self.rows, value=metric).set_index(list(stats.GROUP_BY))
+            self._summaries[metric] = found
+        return self._summaries[metric]
+
+    def estimate(
+        self, point: Point, connections: int, rtt_us: int = 0, metric: str = "median_us"
+    ) -> stats.Estimate | None:
+        summary = self.summary(metric)
+        key = (point.series, point.replicas, connections, rtt_us)
+        if key not in summary.index:
             return None
-        found = self.summary.loc[key]
+        found = summary.loc[key]
         return stats.Estimate(found["median"], found["low"], found["high"], int(found["n"]))
 
-    def why_missing(self, point: Point, connections: int) -> str:
+    def planned(self, point: Point, rtt_us: int = 0) -> bool:
+        """Whether this run's sweep includes the point at all (a quick profile may not)."""
+        specs = [s for s in self.experiment.systems if s.series == point.series]
+        return (
+            bool(specs)
+            and point.replicas in (specs[0].replicas or self.experiment.replicas)
+            and rtt_us in self.experiment.client_rtt_us
+        )
+
+    def why_missing(self, point: Point, connections: int, rtt_us: int = 0) -> str:
         """The reason a point has no ok trial: its curve or its trials did not run here, they
         failed, or the sweep of this run (e.g. the quick profile) did not include it."""
         series = self.rows[self.rows["series"] == point.series]
         mine = series[
-            (series["replicas"] == point.replicas) & (series["connections"] == connections)
+            (series["replicas"] == point.replicas)
+            & (series["connections"] == connections)
+            & (series["client_rtt_us"] == rtt_us)
         ]
         for rows, status, prefix in (
             (mine, "not-run-here", "not run here"),
@@ -96,8 +120,26 @@ def comparisons(experiment: Experiment, rows: pd.DataFrame) -> list[Comparison]:
             if paper.compare_with
             for replicas in sorted(paper.latency_us)
         ),
-        *(_claim_comparison(measurements, claim) for claim in experiment.claims),
+        *(
+            _claim_comparison(measurements, claim)
+            for claim in experiment.claims
+            if _in_sweep(measurements, claim)
+        ),
     ]
+
+
+def _in_sweep(m: _Measurements, claim: Claim) -> bool:
+    """A claim is reported when this run planned at least one of its ratios."""
+    return any(
+        all(m.planned(p, claim.client_rtt_us) for p in pair if p is not None)
+        for pair in claim.pairs
+    )
+
+
+def unplanned_claims(experiment: Experiment) -> list[Claim]:
+    """The claims this run's sweep cannot speak to (the full profile measures them)."""
+    m = _Measurements(experiment, pd.DataFrame())
+    return [c for c in experiment.claims if not _in_sweep(m, c)]
 
 
 def _value_comparison(m: _Measurements, paper: PaperSeries, replicas: int) -> Comparison:
@@ -123,34 +165,77 @@ def _value_comparison(m: _Measurements, paper: PaperSeries, replicas: int) -> Co
 
 def _claim_comparison(m: _Measurements, claim: Claim) -> Comparison:
     connections = claim.connections or m.experiment.paper.connections
-    durabilities = [m.experiment.spec(p.series).durability for pair in claim.pairs for p in pair]
-    like = _like_for_like(durabilities)
-    ratios: list[float] = []
+    modes = (
+        [mode.connections for mode in m.experiment.client_modes]
+        if claim.over_connections
+        else [connections]
+    )
+    like = _like_for_like(m.experiment.spec(p.series).durability for p in claim.points)
+    values: list[float] = []
     missing: list[str] = []
+    partial = False
     for numerator, denominator in claim.pairs:
-        top, bottom = m.estimate(numerator, connections), m.estimate(denominator, connections)
-        if top is None or bottom is None:
-            absent = numerator if top is None else denominator
-            missing.append(
-                f"`{absent.series}@{absent.replicas}` {m.why_missing(absent, connections)}"
-            )
-        else:
-            ratios.append(top.median / bottom.median)
-    if not ratios:
-        return _missing(claim.claim, f"{claim.paper:g}", missing[0], like)
-    value = max(ratios) if claim.test == "at_most" else min(ratios)
-    measured = f"{value:.2f}"
+        per_mode: list[float] = []
+        for mode in modes:
+            value, absent = _claim_value(m, claim, numerator, denominator, mode)
+            if absent is None:
+                per_mode.append(value)
+            elif not missing:
+                why = m.why_missing(absent, mode, claim.client_rtt_us)
+                missing.append(f"`{absent.series}@{absent.replicas}` {why}")
+        if per_mode:
+            values.append(sum(per_mode) / len(per_mode))
+        partial = partial or len(per_mode) < len(modes)
+    unit = "%" if claim.form == "overhead_pct" else ""
+    if not values:
+        return _missing(claim.claim, f"{claim.paper:g}{unit}", missing[0], like)
+    value = max(values) if claim.test == "at_most" else min(values)
+    measured = f"{_number(value)}{unit}"
     if len(claim.pairs) > 1:
         which = "max" if claim.test == "at_most" else "min"
-        measured += f" ({which} of {len(ratios)}/{len(claim.pairs)} ratios measured)"
+        measured += f" ({which} of {len(values)}/{len(claim.pairs)} ratios measured)"
+    if claim.over_connections:
+        measured += f" (mean over {'some of ' if partial else ''}{len(modes)} client modes)"
     return Comparison(
         claim.claim,
-        f"{TEST_SIGNS[claim.test]}{claim.paper:g}",
+        f"{TEST_SIGNS[claim.test]}{claim.paper:g}{unit}",
         measured,
-        f"{value / claim.paper:.2f}",
+        f"{value / claim.paper:.2f}" if claim.paper else "—",
         _verdict(value, claim.paper, claim.test, claim.tolerance),
         like,
     )
+
+
+def _claim_value(
+    m: _Measurements, claim: Claim, numerator: Point, denominator: Point | None, mode: int
+) -> tuple[float, Point | None]:
+    """The claim's value at one client mode, or the first point that has no measurement."""
+    top = m.estimate(numerator, mode, claim.client_rtt_us, claim.metric)
+    if top is None:
+        return math.nan, numerator
+    if denominator is None:
+        return top.median, None
+    bottom = m.estimate(denominator, mode, claim.client_rtt_us, claim.metric)
+    if bottom is None:
+        return math.nan, denominator
+    return overhead(top.median, bottom.median, claim.metric, claim.form), None
+
+
+def overhead(value: float, base: float, metric: str, form: str = "overhead_pct") -> float:
+    """`value / base` as a ratio, or as an overhead in percent: the throughput lost, or the
+    latency added, relative to `base`."""
+    ratio = value / base
+    if form == "ratio":
+        return ratio
+    return (1 - ratio) * 100 if metric in HIGHER_IS_BETTER else (ratio - 1) * 100
+
+
+def _number(value: float) -> str:
+    """A measured value as people read it: 10,035 / 71.5 / 1.78."""
+    size = abs(value)
+    if size >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if size >= 10 else f"{value:.2f}"
 
 
 def _missing(claim: str, paper: str, why: str, like: str) -> Comparison:
@@ -223,9 +308,8 @@ def render(run: RunDir, paths: Paths) -> str:
         f"Source: {experiment.source}.",
         "",
         f"Run: `{_relative(run.path, paths.root)}` ({run.status()}; {experiment.profile} profile, "
-        f"{experiment.trials} trials per point, {experiment.workload.requests_per_trial} requests "
-        f"of {experiment.workload.payload_bytes} B per trial after "
-        f"{experiment.workload.warmup_requests} warm-up), target `{env.get('target')}`, commit "
+        f"{experiment.trials} trials per point, {_workload(experiment)}), target "
+        f"`{env.get('target')}`, commit "
         f"`{git.get('commit')}`{' with uncommitted changes' if git.get('dirty') else ''}; "
         f"{host.get('cpu_model')}, {host.get('cores')} cores, kernel {host.get('kernel')}."
         f"{_isolation_note(rows)}",
@@ -234,8 +318,7 @@ def render(run: RunDir, paths: Paths) -> str:
         "",
         "### Paper vs measured",
         "",
-        f"Paper values: {experiment.paper.source}; compared with measurements at "
-        f"{ClientMode(experiment.paper.connections).label}, as in the paper.",
+        _comparison_basis(experiment),
         "",
         _markdown_table(
             ("claim", "paper", "measured", "measured / paper", "verdict", "like for like"),
@@ -246,19 +329,77 @@ def render(run: RunDir, paths: Paths) -> str:
         ),
         "",
         *_claim_notes(experiment),
+        *_notes(experiment),
         "### Like for like",
         "",
         *_durability_classes(experiment),
         "",
-        "### Measured median latency (µs, 95% CI)",
-        "",
-        *_latency_tables(experiment, rows),
+        *_measured_sections(experiment, rows),
         "### Not run here and failures",
         "",
         *_problems(run, experiment, rows, paths.root),
         "",
     ]
     return "\n".join(lines)
+
+
+def _workload(experiment: Experiment) -> str:
+    w = experiment.workload
+    if not w.tool:
+        return (
+            f"{w.requests_per_trial} requests of {w.payload_bytes} B per trial after "
+            f"{w.warmup_requests} warm-up"
+        )
+    operations = "/".join(w.operations) or "its default mix"
+    rtts = ", ".join(
+        "none (direct)" if r == 0 else f"+{r} µs (relay)" for r in experiment.client_rtt_us
+    )
+    return (
+        f"{w.tool} with {operations} in equal shares, {w.payload_bytes} B values, "
+        f"{w.requests_per_trial} requests per trial after {w.warmup_requests} warm-up; client "
+        f"round trip added: {rtts}"
+        + ("; trials interleaved, each on a fresh system" if experiment.interleave else "")
+    )
+
+
+def _comparison_basis(experiment: Experiment) -> str:
+    basis = f"Paper values: {experiment.paper.source}; compared with measurements at "
+    basis += f"{ClientMode(experiment.paper.connections).label}, as in the paper"
+    if any(c.over_connections for c in experiment.claims):
+        basis += ", unless a claim says it is a mean over client modes"
+    basis += "."
+    if experiment.baseline:
+        basis += (
+            f" Overheads are of each curve against `{experiment.baseline}` measured in the "
+            "same run: throughput lost, (1 - curve / baseline) x 100, and response time "
+            "added, (curve / baseline - 1) x 100, of the medians over trials."
+        )
+    skipped = unplanned_claims(experiment)
+    if skipped:
+        many = len(skipped) != 1
+        basis += (
+            f" {len(skipped)} further claim{'s need' if many else ' needs'} points "
+            f"outside this {experiment.profile} sweep: "
+            + "; ".join(c.claim for c in skipped)
+            + "."
+        )
+    return basis
+
+
+def _notes(experiment: Experiment) -> list[str]:
+    if not experiment.notes:
+        return []
+    return ["### Notes", "", *(f"- {note}" for note in experiment.notes), ""]
+
+
+def _measured_sections(experiment: Experiment, rows: pd.DataFrame) -> list[str]:
+    if experiment.figure != "latency-vs-replicas" and not (rows["status"] == "ok").any():
+        return ["### Measured", "", "Nothing was measured in this run (see below).", ""]
+    if experiment.figure == "load-vs-connections":
+        return _load_sections(experiment, rows)
+    if experiment.figure == "breakdown":
+        return _breakdown_sections(experiment, rows)
+    return ["### Measured median latency (µs, 95% CI)", "", *_latency_tables(experiment, rows)]
 
 
 def _claim_notes(experiment: Experiment) -> list[str]:
@@ -313,6 +454,257 @@ def _latency_tables(experiment: Experiment, rows: pd.DataFrame) -> list[str]:
         lines += [f"{mode.label}:", ""]
         lines += [_markdown_table(("curve", *(_replicas(r) for r in replicas)), table_rows), ""]
     return lines
+
+
+LOAD_METRICS: tuple[tuple[str, str], ...] = (
+    ("throughput_rps", "Throughput (req/s)"),
+    ("mean_us", "Mean response time (µs)"),
+    ("p99_us", "p99 response time (µs)"),
+)
+OVERHEADS: tuple[tuple[str, str], ...] = (
+    ("throughput_rps", "Throughput lost"),
+    ("mean_us", "Mean response time added"),
+)
+BREAKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("requests", "requests"),
+    ("consensus_inputs", "socket calls agreed (accept, read, close)"),
+    ("input_calls", "reads with data"),
+    ("input_bytes_per_call", "bytes per read"),
+    ("storage_mean_us", "storage, mean µs"),
+    ("first_ack_mean_us", "first ack, mean µs"),
+    ("quorum_mean_us", "consensus (quorum), mean µs"),
+    ("throughput_rps", "req/s"),
+)
+
+
+def _curves(experiment: Experiment, rows: pd.DataFrame) -> list[tuple[SystemSpec, int]]:
+    """Every (curve, replica count) of the sweep that has an ok trial, in definition order."""
+    ok = rows[rows["status"] == "ok"]
+    have = set(zip(ok["series"], ok["replicas"], strict=True))
+    return [
+        (spec, replicas)
+        for spec in experiment.systems
+        for replicas in spec.replicas or experiment.replicas
+        if (spec.series, replicas) in have
+    ]
+
+
+def _curve(spec: SystemSpec, replicas: int) -> str:
+    return f"`{spec.series}`, {_replicas(replicas)}"
+
+
+def _rtt(rtt_us: int) -> str:
+    return "client direct (no relay)" if rtt_us == 0 else f"client +{rtt_us} µs round trip (relay)"
+
+
+def _modes_header(experiment: Experiment) -> tuple[str, ...]:
+    return tuple(mode.label for mode in experiment.client_modes)
+
+
+def _estimate_text(estimate: stats.Estimate | None) -> str:
+    if estimate is None:
+        return ""
+    if math.isnan(estimate.low) or estimate.low == estimate.high:  # one trial, or all alike
+        return _number(estimate.median)
+    low, high = _number(estimate.low), _number(estimate.high)
+    return f"{_number(estimate.median)} [{low}, {high}]"
+
+
+def _load_sections(experiment: Experiment, rows: pd.DataFrame) -> list[str]:
+    """Overheads against the baseline, the raw metrics, what limits them, and the relay."""
+    m = _Measurements(experiment, rows)
+    curves = _curves(experiment, rows)
+    modes = [mode.connections for mode in experiment.client_modes]
+    lines: list[str] = []
+    base = next(((s, r) for s, r in curves if s.series == experiment.baseline), None)
+    if base is not None:
+        base_point = Point(base[0].series, base[1])
+        others = [(s, r) for s, r in curves if s.series != experiment.baseline]
+        for metric, title in OVERHEADS:
+            lines += [f"### {title} vs `{experiment.baseline}` (%, medians over trials)", ""]
+            for rtt in experiment.client_rtt_us:
+                table = []
+                for spec, replicas in others:
+                    point = Point(spec.series, replicas)
+                    values = [
+                        _overhead_at(m, point, base_point, mode, rtt=rtt, metric=metric)
+                        for mode in modes
+                    ]
+                    known = [v for v in values if v is not None]
+                    mean = f"{sum(known) / len(known):.1f}" if known else ""
+                    cells = ["" if v is None else f"{v:.1f}" for v in values]
+                    table.append((_curve(spec, replicas), *cells, mean))
+                header = ("curve", *_modes_header(experiment), "mean")
+                lines += [f"{_rtt(rtt)}:", "", _markdown_table(header, table), ""]
+    for metric, title in LOAD_METRICS:
+        lines += [f"### {title}, median over trials (95% CI)", ""]
+        for rtt in experiment.client_rtt_us:
+            table = [
+                (
+                    _curve(spec, replicas),
+                    *(
+                        _estimate_text(m.estimate(Point(spec.series, replicas), mode, rtt, metric))
+                        for mode in modes
+                    ),
+                )
+                for spec, replicas in curves
+            ]
+            header = ("curve", *_modes_header(experiment))
+            lines += [f"{_rtt(rtt)}:", "", _markdown_table(header, table), ""]
+    return [*lines, *_limits(experiment, m, curves), *_relay(experiment, m, curves, base)]
+
+
+def _overhead_at(
+    m: _Measurements, point: Point, base: Point, mode: int, *, rtt: int, metric: str
+) -> float | None:
+    top, bottom = m.estimate(point, mode, rtt, metric), m.estimate(base, mode, rtt, metric)
+    return None if top is None or bottom is None else overhead(top.median, bottom.median, metric)
+
+
+def _limits(
+    experiment: Experiment, m: _Measurements, curves: list[tuple[SystemSpec, int]]
+) -> list[str]:
+    """For each replicated curve (direct client): consensus time per input, and the ceiling it
+    puts on a server whose every input waits for its agreement."""
+    table = []
+    for spec, replicas in curves:
+        app = str(spec.params.get("app", ""))
+        if not app or app not in APPS:
+            continue
+        threads = APPS[app].threads
+        point = Point(spec.series, replicas)
+        for mode in experiment.client_modes:
+            quorum = m.estimate(point, mode.connections, 0, "quorum_mean_us")
+            inputs = m.estimate(point, mode.connections, 0, "consensus_inputs")
+            requests = m.estimate(point, mode.connections, 0, "requests")
+            measured = m.estimate(point, mode.connections, 0, "throughput_rps")
+            storage = m.estimate(point, mode.connections, 0, "storage_mean_us")
+            if None in (quorum, inputs, requests, measured):
+                continue
+            assert quorum and inputs and requests and measured
+            per_request = inputs.median / requests.median
+            in_flight = min(threads, mode.connections)  # a thread waits on one connection
+            ceiling = in_flight * 1e6 / (quorum.median * per_request)
+            table.append(
+                (
+                    _curve(spec, replicas),
+                    mode.label,
+                    _number(quorum.median),
+                    _number(storage.median) if storage else "",
+                    f"{per_request:.3f}",
+                    f"{in_flight}",
+                    _number(ceiling),
+                    _number(measured.median),
+                    f"{measured.median / ceiling:.2f}",
+                )
+            )
+    if not table:
+        return []
+    header = (
+        "curve",
+        "client mode",
+        "consensus, mean µs",
+        "storage, mean µs",
+        "agreed inputs per request",
+        "inputs in flight",
+        "ceiling, req/s",
+        "measured, req/s",
+        "measured / ceiling",
+    )
+    return [
+        "### What limits it",
+        "",
+        "The shim holds every input the server reads until it is agreed, and the server's "
+        "thread waits in that read meanwhile, so a server with T worker threads serving C "
+        "connections has at most min(T, C) inputs in flight and takes at most that many / "
+        "(consensus time x agreed inputs per request) requests per second, however many more "
+        "connections it has. Consensus time is the leader's mean from proposing an input to "
+        "its majority ack (STATUS timing totals, over the measured run); client direct. What "
+        "keeps the measured rate below that ceiling is the rest of each input's path: the "
+        "shim's hand-over to the daemon's intake thread and back (a futex doorbell each way) "
+        "and the server's own work.",
+        "",
+        _markdown_table(header, table),
+        "",
+    ]
+
+
+def _relay(
+    experiment: Experiment,
+    m: _Measurements,
+    curves: list[tuple[SystemSpec, int]],
+    base: tuple[SystemSpec, int] | None,
+) -> list[str]:
+    """What the delaying relay achieved, and what the baseline's clients saw added."""
+    lines: list[str] = []
+    for rtt in (r for r in experiment.client_rtt_us if r):
+        table = [
+            (
+                _curve(spec, replicas),
+                *(
+                    _estimate_text(m.estimate(point, mode.connections, rtt, "relay_rtt_us"))
+                    for mode in experiment.client_modes
+                ),
+            )
+            for spec, replicas in curves
+            for point in [Point(spec.series, replicas)]
+        ]
+        lines += [
+            f"### Client network: +{rtt} µs round trip through the relay",
+            "",
+            f"netem is not available on this kernel: a user-space relay (gaia.apps.relay) holds "
+            f"every chunk {rtt / 2:g} µs each way. Below, the mean delay chunks actually got "
+            "inside the relay, both ways added (µs, median over trials). Well above the "
+            "configured value the relay (one Python thread) was late: saturated by the load "
+            "(the baseline at many connections: its numbers there are the relay's ceiling, not "
+            "the server's, and the overhead is understated) or short of CPU next to the "
+            "replica daemons on a small machine (the replicated curve then got more delay than "
+            "asked for, and its overhead is overstated by about that much).",
+            "",
+            _markdown_table(("curve", *_modes_header(experiment)), table),
+            "",
+        ]
+        if base is not None:
+            point = Point(base[0].series, base[1])
+            first = experiment.client_modes[0].connections
+            direct = m.estimate(point, first, 0, "mean_us")
+            relayed = m.estimate(point, first, rtt, "mean_us")
+            if direct is not None and relayed is not None:
+                lines += [
+                    f"`{base[0].series}` at {ClientMode(first).label}: mean response time "
+                    f"{_number(direct.median)} µs direct, {_number(relayed.median)} µs through "
+                    f"the relay (+{_number(relayed.median - direct.median)} µs seen by the load "
+                    f"tool for +{rtt} µs configured; the rest is the relay's own processing).",
+                    "",
+                ]
+    return lines
+
+
+def _breakdown_sections(experiment: Experiment, rows: pd.DataFrame) -> list[str]:
+    m = _Measurements(experiment, rows)
+    table = []
+    for spec, replicas in _curves(experiment, rows):
+        point = Point(spec.series, replicas)
+        for mode in experiment.client_modes:
+            for rtt in experiment.client_rtt_us:
+                cells = [
+                    _estimate_text(m.estimate(point, mode.connections, rtt, metric))
+                    for metric, _ in BREAKDOWN_COLUMNS
+                ]
+                table.append((_curve(spec, replicas), mode.label, *cells))
+    header = ("curve", "client mode", *(title for _, title in BREAKDOWN_COLUMNS))
+    return [
+        "### Measured on the leader, per trial (median over trials, 95% CI)",
+        "",
+        "Counted by the leader over the measured run only (warm-up excluded): the shim's "
+        "counters of reads and their bytes, the inputs the daemon proposed for it (accept, "
+        "read and close each go through consensus), and the means of each input's storage "
+        "(the local log write and the writes to the backups, L2 + L3), first-ack and "
+        "majority-ack (consensus) times from its proposal.",
+        "",
+        _markdown_table(header, table),
+        "",
+    ]
 
 
 def _replicas(count: int) -> str:

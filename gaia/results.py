@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from gaia.experiments.definition import Experiment, load_file, to_raw
-from gaia.workload import Recording
+from gaia.workload import InputBreakdown, Metrics, Recording
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,9 @@ class Paths:
 
 @dataclass(frozen=True)
 class TrialRow:
-    """One line of results.csv: a trial's identity, outcome, and metrics (empty unless ok)."""
+    """One line of results.csv: a trial's identity, outcome, and what it measured (empty unless
+    ok): the load's metrics, the relay's achieved round trip and the leader's breakdown, each
+    flattened into its own columns (`flat()`)."""
 
     trial_id: str
     series: str
@@ -86,17 +88,45 @@ class TrialRow:
     status: Status
     reason: str = ""
     isolation: str = ""  # the system's describe()["isolation"]["mode"]: netns, none ("": n/a)
-    requests: int | None = None
-    median_us: float | None = None
-    mean_us: float | None = None
-    p99_us: float | None = None
-    throughput_rps: float | None = None
-    duration_s: float | None = None
+    client_rtt_us: int = 0
+    metrics: Metrics | None = None
+    relay_rtt_us: float | None = None
+    breakdown: InputBreakdown | None = None
     log_dir: str = ""
     finished_utc: str = ""
 
+    def flat(self) -> dict[str, Any]:
+        """Column -> value, as results.csv holds it (None: an empty cell)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in _NESTED:
+                out.update(
+                    dataclasses.asdict(value)
+                    if value is not None
+                    else dict.fromkeys(_names(_NESTED[f.name]))
+                )
+            else:
+                out[f.name] = value
+        return out
 
-COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrialRow))
+
+_NESTED: Mapping[str, type[Any]] = {"metrics": Metrics, "breakdown": InputBreakdown}
+
+
+def _names(kind: type[Any]) -> list[str]:
+    return [f.name for f in dataclasses.fields(kind)]
+
+
+COLUMNS: tuple[str, ...] = tuple(
+    name
+    for f in dataclasses.fields(TrialRow)
+    for name in (_names(_NESTED[f.name]) if f.name in _NESTED else [f.name])
+)
+DEFAULTS: Mapping[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(TrialRow) if f.default not in (None, "")
+}
+"""What a column holds in runs written before it existed (their results.csv lacks it)."""
 TEXT_COLUMNS: tuple[str, ...] = tuple(
     name
     for name, kind in typing.get_type_hints(TrialRow).items()
@@ -187,15 +217,20 @@ class RunDir:
         return self.status_file.read_text().strip() if self.status_file.exists() else "unknown"
 
     def results(self) -> pd.DataFrame:
-        """results.csv as a frame with every column, even when no trial finished."""
+        """results.csv as a frame with every column, even when no trial finished (and in the
+        current order, with defaults for the columns of newer versions in older runs)."""
         if not self.results_csv.exists():
             return pd.DataFrame(columns=list(COLUMNS))
-        return pd.read_csv(
+        rows = pd.read_csv(
             self.results_csv,
             dtype=dict.fromkeys(TEXT_COLUMNS, str),
             keep_default_na=False,  # an empty reason is "", an empty metric NaN
             na_values={c: [""] for c in COLUMNS if c not in TEXT_COLUMNS},
         )
+        for column, default in DEFAULTS.items():
+            if column not in rows:
+                rows[column] = default
+        return rows.reindex(columns=list(COLUMNS))
 
 
 class RowWriter:
@@ -210,8 +245,7 @@ class RowWriter:
         self._sync()
 
     def append(self, row: TrialRow) -> None:
-        values = dataclasses.asdict(row)
-        self._writer.writerow({k: "" if v is None else v for k, v in values.items()})
+        self._writer.writerow({k: "" if v is None else v for k, v in row.flat().items()})
         self._sync()
 
     def _sync(self) -> None:

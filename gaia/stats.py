@@ -19,7 +19,7 @@ from scipy import stats
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 0
-GROUP_BY: tuple[str, ...] = ("series", "replicas", "connections")
+GROUP_BY: tuple[str, ...] = ("series", "replicas", "connections", "client_rtt_us")
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,9 @@ def median_ci(values: ArrayLike, confidence: float = CONFIDENCE) -> Estimate:
 def summarize(
     rows: pd.DataFrame, value: str = "median_us", by: Sequence[str] = GROUP_BY
 ) -> pd.DataFrame:
-    """One row per (curve, replicas, connections) over the ok trials: median, low, high, n."""
-    ok = rows[rows["status"] == "ok"]
+    """One row per (curve, replicas, connections, added round trip) over the ok trials with a
+    value: median, low, high, n."""
+    ok = rows[(rows["status"] == "ok") & rows[value].notna()]
     records = [
         {**dict(zip(by, key, strict=True)), **vars(median_ci(group[value]))}
         for key, group in ok.groupby(list(by), sort=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 class SystemUnavailable(RuntimeError):
@@ -48,3 +48,20 @@ class ReplicatedSystem(Protocol):
     def stop(self) -> None: ...
 
     def describe(self) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class ServesApp(Protocol):
+    """A system that serves an unmodified application's own clients (Redis, memcached): the
+    app experiments drive it with the app's load tool at `app_address()`, not with the
+    consensus client."""
+
+    def app_address(self) -> tuple[str, int]: ...
+
+
+@runtime_checkable
+class CountsInputs(Protocol):
+    """A system whose leader counts what it agreed on, cumulatively: the keys of
+    gaia.workload.InputBreakdown.COUNTERS (absent keys: not counted by this system)."""
+
+    def input_counters(self) -> Mapping[str, float]: ...

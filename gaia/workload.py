@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -51,14 +52,68 @@ class Load:
 
 @dataclass(frozen=True)
 class Metrics:
-    """The per-trial numbers a results row carries."""
+    """The per-trial numbers a results row carries (a load tool that cannot give an exact
+    median leaves it None)."""
 
     requests: int
-    median_us: float
+    median_us: float | None
     mean_us: float
     p99_us: float
     throughput_rps: float
     duration_s: float
+
+
+@dataclass(frozen=True)
+class InputBreakdown:
+    """What a leader agreed on during one trial (the APUS paper's Table III), from two
+    snapshots of its cumulative counters (gaia.systems.CountsInputs):
+
+    - consensus_inputs: the socket calls that each went through consensus (accept, every read
+      that returned data, close), as the seeds count them;
+    - input_calls and input_bytes_per_call: the reads alone, and their mean size;
+    - storage / first-ack / quorum mean: per agreed input, from its proposal to its local log
+      write (L2), to the first backup's ack, to the majority's (the consensus latency).
+
+    A counter the system does not keep gives None."""
+
+    consensus_inputs: int | None = None
+    input_calls: int | None = None
+    input_bytes_per_call: float | None = None
+    storage_mean_us: float | None = None
+    first_ack_mean_us: float | None = None
+    quorum_mean_us: float | None = None
+
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "consensus_inputs",
+        "input_calls",
+        "input_bytes",
+        "timed_inputs",
+        "storage_s",
+        "first_ack_s",
+        "quorum_s",
+    )
+
+    @classmethod
+    def between(cls, before: Mapping[str, float], after: Mapping[str, float]) -> InputBreakdown:
+        def delta(key: str) -> float | None:
+            if key not in before or key not in after:
+                return None
+            return after[key] - before[key]
+
+        def mean_us(total: float | None, count: float | None) -> float | None:
+            return round(total / count * 1e6, 3) if total is not None and count else None
+
+        calls, timed = delta("input_calls"), delta("timed_inputs")
+        read = delta("input_bytes")
+        inputs = delta("consensus_inputs")
+        return cls(
+            consensus_inputs=None if inputs is None else int(inputs),
+            input_calls=None if calls is None else int(calls),
+            input_bytes_per_call=round(read / calls, 3) if read is not None and calls else None,
+            storage_mean_us=mean_us(delta("storage_s"), timed),
+            first_ack_mean_us=mean_us(delta("first_ack_s"), timed),
+            quorum_mean_us=mean_us(delta("quorum_s"), timed),
+        )
 
 
 @dataclass(frozen=True)

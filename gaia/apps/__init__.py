@@ -8,11 +8,14 @@ baseline, so both run the very same server.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+
+from gaia.systems import SystemUnavailable
 
 
 class AppError(RuntimeError):
@@ -22,9 +25,14 @@ class AppError(RuntimeError):
 @dataclass(frozen=True)
 class App:
     name: str
-    binary: str  # the Debian package's executable: checked before anything starts
+    binary: str  # the package's executable: checked before anything starts
     argv: Callable[[str, int, Path], list[str]]
     threads: int  # worker threads it runs with (memcached: several; the shim copes)
+    where: str = ""  # where the binary comes from, for the message when it is missing
+    # what its own persistence amounts to with this command line, in the experiments' words
+    # (gaia.experiments.definition.Durability): Redis and memcached keep nothing on disk;
+    # mongod journals every 100 ms and answers w:1 writes before that
+    durability: str = "memory"
 
 
 def _redis(host: str, port: int, workdir: Path) -> list[str]:
@@ -43,10 +51,31 @@ def _memcached(host: str, port: int, workdir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _mongod(host: str, port: int, workdir: Path) -> list[str]:
+    # its data directory must exist; no Unix socket (several instances share /tmp)
+    return [
+        "mongod", "--port", str(port), "--bind_ip", host, "--dbpath", str(workdir),
+        "--nounixsocket", "--quiet",
+    ]  # fmt: skip
+
+
+MONGODB_MISSING = (
+    "MongoDB is not packaged by Debian 12 (its licence) and nothing can be downloaded on this "
+    "target: it runs only on a testbed whose image ships mongod (playbooks/roles/mongodb, "
+    "gaia_install_mongodb: true in that inventory)"
+)
+
 APPS: Mapping[str, App] = MappingProxyType(
     {
-        "redis": App("redis", "redis-server", _redis, threads=1),
-        "memcached": App("memcached", "memcached", _memcached, threads=2),
+        "redis": App(
+            "redis", "redis-server", _redis, threads=1, where="the redis role (./invoke setup)"
+        ),
+        "memcached": App(
+            "memcached", "memcached", _memcached, threads=2, where="the memcached role"
+        ),
+        "mongodb": App(
+            "mongodb", "mongod", _mongod, threads=4, where=MONGODB_MISSING, durability="no-fsync"
+        ),
     }
 )
 
@@ -56,6 +85,14 @@ def get_app(name: str) -> App:
         return APPS[name]
     except KeyError:
         raise AppError(f"unknown app {name!r}: choose one of {', '.join(APPS)}") from None
+
+
+def require_app(name: str) -> App:
+    """The app `name`, or SystemUnavailable saying why its server cannot run on this target."""
+    app = get_app(name)
+    if shutil.which(app.binary) is None:
+        raise SystemUnavailable(f"{name}: {app.binary} is not installed here: {app.where}")
+    return app
 
 
 def listening(port: int) -> bool:

@@ -111,6 +111,9 @@ class ReplicaDaemon:
         self.pending: dict[int, Pending] = {}
         self._replies: list[tuple[socket.socket, bytes]] = []
         self.timings: deque[tuple[float, float, float]] = deque(maxlen=200_000)
+        # since start, unbounded: count and sums of storage, first-ack and quorum seconds, so
+        # that two STATUS snapshots give the exact means of the inputs between them
+        self.timing_totals = [0, 0.0, 0.0, 0.0]
         self.exit_code = 0
         self.app: AppHost | None = None
         if config.app:
@@ -128,6 +131,7 @@ class ReplicaDaemon:
         self._leading_view = -1  # the view _steer_app last saw this replica lead
         self._serving_from = 0  # that view's first index (the NOOP): the server waits for it
         self._inputs_on: Counter[int] = Counter()  # per connection entry, for output checks
+        self.proposed_inputs: Counter[str] = Counter()  # the shim's inputs proposed, by kind
         self.output_verdicts: Counter[str] = Counter()
         self._restore_wanted = threading.Event()  # the replayer saw this server's output diverge
         self._restoring = False  # the server is being restarted: _apply must not feed it
@@ -203,7 +207,12 @@ class ReplicaDaemon:
                 continue
             stored = p.stored or now
             first_ack = p.first_ack or now
-            self.timings.append((stored - p.proposed, first_ack - p.proposed, now - p.proposed))
+            timing = (stored - p.proposed, first_ack - p.proposed, now - p.proposed)
+            self.timings.append(timing)
+            totals = self.timing_totals
+            totals[0] += 1
+            for i, seconds in enumerate(timing, start=1):
+                totals[i] += seconds
             p.answer(Status.OK, e.index, b"")
 
     def _expire(self) -> None:
@@ -413,6 +422,7 @@ class ReplicaDaemon:
                 self.core.propose(EntryKind.OUTPUT, conn, check)
         t0 = time.perf_counter()
         index = self.core.propose(kind, conn, i.payload)
+        self.proposed_inputs[kind.name.lower()] += 1
         slot = i.slot
 
         def answer(status: Status, at: int, _body: bytes) -> None:
@@ -519,6 +529,7 @@ class ReplicaDaemon:
                 idle = replayer is None or replayer.idle()
                 info["app"] = {
                     **self.app.status(),
+                    "proposed": dict(self.proposed_inputs),
                     "output_checks": dict(self.output_verdicts),
                     "unrepairable": self.unrepairable,
                     # every applied entry up to here is in this replica's server
@@ -526,6 +537,13 @@ class ReplicaDaemon:
                     if idle or replayer is None
                     else replayer.applied,
                 }
+            count, storage_s, first_ack_s, quorum_s = self.timing_totals
+            info["timing_totals"] = {
+                "count": count,
+                "storage_s": storage_s,
+                "first_ack_s": first_ack_s,
+                "quorum_s": quorum_s,
+            }
         if timings:
             storage, first_ack, quorum = zip(*timings, strict=True)
             info["timings_us"] = {

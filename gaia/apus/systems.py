@@ -18,6 +18,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from gaia.apps import require_app
 from gaia.apus.client import ApusClient, replica_status
 from gaia.apus.config import ClusterConfig, Member, Timing
 from gaia.apus.storage import check_durability
@@ -37,7 +38,7 @@ class ApusCluster(LocalEnsemble):
         durability: str = "memory",
         data_root: Path | None = None,
         start_timeout: float = 30.0,
-        timing: Timing | None = None,
+        timing: Timing | Mapping[str, Any] | None = None,
         isolation: str | Isolation = "auto",
         app: str = "",
         output_period: int = 64,
@@ -49,13 +50,16 @@ class ApusCluster(LocalEnsemble):
         down; `client_timeout`: how long the clients from `client()` wait for an input to be
         committed (both longer on a slow machine, like `start_timeout` and `timing`)."""
         super().__init__(replicas, log_dir, data_root, start_timeout, isolation)
+        if app:
+            require_app(app)  # SystemUnavailable where its server is not installed (MongoDB)
         self.name = f"apus-{transport}" + (f"-{app}" if app else "")
         self.app = app
         self.output_period = output_period
         self.checkpoint_every = checkpoint_every
         self.transport = transport
         self.durability = check_durability(durability)
-        self.timing = timing or Timing()
+        # a definition's params give timing as a mapping, e.g. {election_ticks: 300}
+        self.timing = timing if isinstance(timing, Timing) else Timing(**(timing or {}))
         self.status_timeout = status_timeout
         self.client_timeout = client_timeout
         self.cluster_id = f"apus{secrets.token_hex(4)}"
@@ -97,6 +101,21 @@ class ApusCluster(LocalEnsemble):
         """Where each replica's app server listens (only the leader's accepts clients)."""
         assert self.config is not None and self.app, "not started, or no app"
         return {i: (m.host, m.app_port) for i, m in self.config.members.items()}
+
+    def app_address(self) -> tuple[str, int]:
+        """Where the app's clients go now: the leader's server (gaia.systems.ServesApp)."""
+        if not self.app:
+            raise RuntimeError(f"{self.name} replicates no app: give it the parameter app")
+        leader = self.leader()
+        if leader is None:
+            raise RuntimeError(f"{self.name}: the replicas agree on no leader")
+        return self.app_addresses[leader]
+
+    def input_counters(self) -> Mapping[str, float]:
+        """The leader's cumulative counters (gaia.systems.CountsInputs); empty without one."""
+        leader = self.leader()
+        status = self.statuses().get(leader) if leader is not None else None
+        return leader_counters(status) if status is not None else {}
 
     def statuses(self) -> dict[int, dict[str, Any] | None]:
         """Each replica's STATUS, None for one that does not answer."""
@@ -161,6 +180,33 @@ class ApusCluster(LocalEnsemble):
             "election_ticks": self.timing.election_ticks,
             "python": sys.version.split()[0],
         }
+
+
+SOCKET_CALLS = ("connect", "data", "close")
+"""The kinds of shim inputs that are socket calls (accept, read, close); OUTPUT entries are the
+leader's own output checks."""
+
+
+def leader_counters(status: Mapping[str, Any]) -> dict[str, float]:
+    """A replica's STATUS as the cumulative counters of gaia.workload.InputBreakdown."""
+    counters: dict[str, float] = {}
+    totals = status.get("timing_totals")
+    if totals is not None:
+        counters.update(
+            timed_inputs=totals["count"],
+            storage_s=totals["storage_s"],
+            first_ack_s=totals["first_ack_s"],
+            quorum_s=totals["quorum_s"],
+        )
+    app = status.get("app")
+    if app is not None:
+        proposed = app.get("proposed", {})
+        counters.update(
+            consensus_inputs=sum(proposed.get(kind, 0) for kind in SOCKET_CALLS),
+            input_calls=app["shim"]["calls"],
+            input_bytes=app["shim"]["input_bytes"],
+        )
+    return counters
 
 
 SYSTEMS: Mapping[str, Any] = MappingProxyType(

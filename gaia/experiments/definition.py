@@ -51,17 +51,52 @@ namespace of its own, reached through a bridge; `none`, plain processes on 127.0
 an experiment, so the comparison is like for like; the mode each system ran with is in every
 results row and in its system.json, with the reason."""
 ClaimTest = Literal["approx", "at_least", "at_most"]
+ClaimForm = Literal["ratio", "overhead_pct", "value"]
+"""What a claim compares: a ratio of two measured points, that ratio as a percent overhead (of
+the numerator over the denominator: lost throughput, added response time), or one measured
+value itself (a ratio without a denominator)."""
+
+Tool = Literal["", "redis-benchmark", "memcaslap", "ycsb"]
+"""The load generator of a trial: "" is GAIA's own closed-loop consensus client (gaia.workload);
+the others are the apps' own load tools driving an unmodified server (gaia.apps.loadgen)."""
+
+FigureKind = Literal["latency-vs-replicas", "load-vs-connections", "breakdown"]
+"""Which figure gaia.plots draws for the experiment."""
+
+Metric = Literal[
+    "median_us",
+    "mean_us",
+    "p99_us",
+    "throughput_rps",
+    "consensus_inputs",
+    "input_calls",
+    "input_bytes_per_call",
+    "storage_mean_us",
+    "first_ack_mean_us",
+    "quorum_mean_us",
+    "relay_rtt_us",
+]
+"""The per-trial values (results.csv columns) a claim or a figure can be about."""
+
+HIGHER_IS_BETTER: frozenset[str] = frozenset({"throughput_rps"})
+"""Metrics for which less is worse: their overhead is what is lost, (1 - ratio) x 100."""
 
 _RATIO = re.compile(r"^\s*([\w.-]+)@(\d+)\s*/\s*([\w.-]+)@(\d+)\s*$")
+_POINT = re.compile(r"^\s*([\w.-]+)@(\d+)\s*$")
 
 
 @dataclass(frozen=True)
 class Workload:
-    """The closed-loop load of one trial (see gaia.workload)."""
+    """The load of one trial: GAIA's closed-loop client (gaia.workload) or an app's own load
+    tool (`tool`, gaia.apps.loadgen) sending `operations` in equal shares (empty: the tool's
+    50/50 write/read mix) with values of `payload_bytes`. Request counts are totals over all
+    connections and operations; warm-up requests go first and are not measured."""
 
     payload_bytes: int
     requests_per_trial: int
     warmup_requests: int
+    tool: Tool = ""
+    operations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,10 +199,19 @@ class Claim:
     tolerance: float = 2.0
     connections: int | None = None
     note: str = ""
+    metric: Metric = "median_us"
+    form: ClaimForm = "ratio"
+    over_connections: bool = False  # the mean over every client mode, not one mode's value
+    client_rtt_us: int = 0
 
     @property
-    def pairs(self) -> tuple[tuple[Point, Point], ...]:
-        return tuple(_parse_ratio(text) for text in self.ratios)
+    def pairs(self) -> tuple[tuple[Point, Point | None], ...]:
+        """Numerator and denominator of each ratio (no denominator for form `value`)."""
+        return tuple(_parse_ratio(text, single=self.form == "value") for text in self.ratios)
+
+    @property
+    def points(self) -> tuple[Point, ...]:
+        return tuple(p for pair in self.pairs for p in pair if p is not None)
 
 
 @dataclass(frozen=True)
@@ -187,6 +231,11 @@ class Experiment:
     timeouts: Timeouts = field(default_factory=Timeouts)
     isolation: Isolation = "auto"
     profile: Profile = "full"
+    client_rtt_us: tuple[int, ...] = (0,)  # round trip added between client and server (relay)
+    interleave: bool = False  # trials round-robin over the curves, each on a fresh system
+    figure: FigureKind = "latency-vs-replicas"
+    baseline: str = ""  # the curve overheads are relative to (the unreplicated server)
+    notes: tuple[str, ...] = ()  # for the report: what limits the result, caveats
 
     def __post_init__(self) -> None:
         claims = tuple(
@@ -203,12 +252,14 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Trial:
-    """One measurement: a curve at a replica count and client mode, repetition `number` (from 1)."""
+    """One measurement: a curve at a replica count, client mode and added client round trip,
+    repetition `number` (from 1)."""
 
     spec: SystemSpec
     replicas: int
     mode: ClientMode
     number: int
+    client_rtt_us: int = 0
 
     @property
     def group(self) -> str:
@@ -217,17 +268,31 @@ class Trial:
 
     @property
     def id(self) -> str:
-        return f"{self.group}-{self.mode.id}-t{self.number}"
+        rtt = f"-rtt{self.client_rtt_us}" if self.client_rtt_us else ""
+        return f"{self.group}-{self.mode.id}{rtt}-t{self.number}"
 
 
 def expand(experiment: Experiment) -> list[Trial]:
-    """The sweep, grouped so that trials sharing a running system are adjacent."""
+    """The sweep. By default trials sharing a running system are adjacent; interleaved, every
+    curve runs once before any runs again (repetition, then client mode, then round trip, then
+    curve), so that slow drifts of the machine hit every curve alike."""
+    points = [(s, r) for s in experiment.systems for r in s.replicas or experiment.replicas]
+    numbers = range(1, experiment.trials + 1)
+    modes, rtts = experiment.client_modes, experiment.client_rtt_us
+    if experiment.interleave:
+        return [
+            Trial(spec, replicas, mode, number, rtt)
+            for number in numbers
+            for mode in modes
+            for rtt in rtts
+            for spec, replicas in points
+        ]
     return [
-        Trial(spec, replicas, mode, number)
-        for spec in experiment.systems
-        for replicas in spec.replicas or experiment.replicas
-        for mode in experiment.client_modes
-        for number in range(1, experiment.trials + 1)
+        Trial(spec, replicas, mode, number, rtt)
+        for spec, replicas in points
+        for mode in modes
+        for rtt in rtts
+        for number in numbers
     ]
 
 
@@ -370,7 +435,12 @@ def _build(cls: type[Any], value: Any, where: str) -> Any:
     return cls(**{name: _convert(v, hints[name], _at(where, name)) for name, v in value.items()})
 
 
-def _parse_ratio(text: str) -> tuple[Point, Point]:
+def _parse_ratio(text: str, *, single: bool = False) -> tuple[Point, Point | None]:
+    if single:
+        point = _POINT.match(text)
+        if point is None:
+            raise DefinitionError(f"{text!r} is not of the form 'series@replicas'")
+        return Point(point.group(1), int(point.group(2))), None
     match = _RATIO.match(text)
     if match is None:
         raise DefinitionError(f"{text!r} is not of the form 'series@replicas / series@replicas'")
@@ -421,10 +491,28 @@ def _checked(exp: Experiment) -> Experiment:
             _at(_at("paper.series", i), "compare_with"),
             f"unknown curve {paper.compare_with!r}; curves are {', '.join(sorted(seen))}",
         )
+    rtts = exp.client_rtt_us
+    _require(bool(rtts) and min(rtts) >= 0, "client_rtt_us", "a non-empty list of values >= 0")
+    _require(len(set(rtts)) == len(rtts), "client_rtt_us", "values must differ")
+    _require(
+        rtts == (0,) or exp.workload.tool != "",
+        "client_rtt_us",
+        "an added client round trip needs a load tool (workload.tool): the relay carries TCP",
+    )
+    _require(
+        exp.figure != "load-vs-connections" or exp.workload.tool != "",
+        "figure",
+        "load-vs-connections plots a load tool's results: set workload.tool",
+    )
+    _require(
+        not exp.baseline or exp.baseline in seen,
+        "baseline",
+        f"unknown curve {exp.baseline!r}; curves are {', '.join(sorted(seen))}",
+    )
     for i, claim in enumerate(exp.claims):
         where = _at("claims", i)
         try:
-            points = [p for pair in claim.pairs for p in pair]
+            points = list(claim.points)
         except DefinitionError as exc:
             raise DefinitionError(f"{_at(where, 'ratios')}: {exc}") from None
         _require(bool(points), _at(where, "ratios"), "at least one ratio")
@@ -435,6 +523,11 @@ def _checked(exp: Experiment) -> Experiment:
                 f"unknown curve {point.series!r}; curves are {', '.join(sorted(seen))}",
             )
         _require(claim.connections in connections, _at(where, "connections"), "not a client mode")
+        _require(
+            claim.client_rtt_us in rtts,
+            _at(where, "client_rtt_us"),
+            f"not one of client_rtt_us {list(rtts)}",
+        )
         _require(claim.tolerance > 1, _at(where, "tolerance"), "must be > 1")
         _require(
             claim.test != "approx" or len(claim.pairs) == 1,
@@ -460,9 +553,8 @@ def select(experiment: Experiment, names: Iterable[str]) -> Experiment:
         )
     systems = tuple(s for s in experiment.systems if {s.series, s.system} & wanted)
     kept = {s.series for s in systems}
-    claims = tuple(
-        c for c in experiment.claims if all(p.series in kept for pair in c.pairs for p in pair)
-    )
+    claims = tuple(c for c in experiment.claims if all(p.series in kept for p in c.points))
+    baseline = experiment.baseline if experiment.baseline in kept else ""
     paper = dataclasses.replace(
         experiment.paper,
         series=tuple(
@@ -470,4 +562,8 @@ def select(experiment: Experiment, names: Iterable[str]) -> Experiment:
             for p in experiment.paper.series
         ),
     )
-    return _checked(dataclasses.replace(experiment, systems=systems, claims=claims, paper=paper))
+    return _checked(
+        dataclasses.replace(
+            experiment, systems=systems, claims=claims, paper=paper, baseline=baseline
+        )
+    )

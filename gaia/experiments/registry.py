@@ -23,7 +23,12 @@ SystemFactory = Callable[..., ReplicatedSystem]
 """`factory(replicas: int, log_dir: Path, **params) -> ReplicatedSystem`; may raise
 SystemUnavailable when the system cannot run on this target."""
 
-PROVIDERS: tuple[str, ...] = ("gaia.experiments.reference", "gaia.baselines", "gaia.apus.systems")
+PROVIDERS: tuple[str, ...] = (
+    "gaia.experiments.reference",
+    "gaia.baselines",
+    "gaia.apus.systems",
+    "gaia.apps.systems",
+)
 ATTRIBUTE = "SYSTEMS"
 
 

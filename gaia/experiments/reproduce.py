@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from gaia import plots, provision, report
+from gaia.apps import loadgen
 from gaia.experiments import runner
 from gaia.experiments.definition import Experiment, available, load, select
 from gaia.experiments.errors import DefinitionError, MissingDependency
@@ -62,12 +63,40 @@ def prepare(
 
 
 def install(experiments: Sequence[Experiment]) -> None:
-    """Provision the roles the experiments' systems need (a no-op when they are installed)."""
-    roles = sorted({role for e in experiments for s in e.systems for role in s.roles})
+    """Provision the roles the experiments' systems and load tools need (a no-op when they are
+    installed), then make sure every load tool a role provides is there: a missing
+    redis-benchmark or memcaslap stops the run here, before anything starts. A tool no role
+    installs on this target (YCSB) is left to the runner, which records its trials as not run
+    here."""
+    roles = sorted(
+        {role for e in experiments for s in e.systems for role in s.roles}
+        | {d.role for d in _tools(experiments) if d.role}
+    )
     try:
         provision.ensure(roles)
     except provision.ProvisionError as exc:
         raise MissingDependency(f"cannot install {', '.join(roles)}: {exc}") from exc
+    require_tools(experiments)
+
+
+def require_tools(experiments: Sequence[Experiment]) -> None:
+    """MissingDependency naming every load tool that a local role should have installed but
+    that is not on PATH."""
+    missing = [d for d in _tools(experiments) if d.role and not d.installed()]
+    if missing:
+        raise MissingDependency(
+            "load tool not found on PATH: "
+            + "; ".join(
+                f"{d.binary} (Debian package {d.package}, installed by the {d.role} role: "
+                f"./invoke setup --only {d.role} --force)"
+                for d in missing
+            )
+        )
+
+
+def _tools(experiments: Sequence[Experiment]) -> list[loadgen.Driver]:
+    tools = sorted({e.workload.tool for e in experiments if e.workload.tool})
+    return [loadgen.driver(tool) for tool in tools]
 
 
 def reproduce(

@@ -14,6 +14,15 @@ Ctrl-C or SIGTERM, after which the run is marked interrupted with the rows so fa
 runner bounds the workload in time (the part a system under test can hang); `start()` and
 `stop()` are bounded by the systems' own readiness and termination timeouts.
 
+Interleaved experiments (the app overheads, whose curves are compared side by side) give every
+trial a fresh system instead, in round-robin order (gaia.experiments.definition.expand), so
+that noise lands on every curve alike; their systems start in about a second.
+
+A trial is either GAIA's closed-loop consensus client (gaia.workload) or, with `workload.tool`,
+an app's own load tool against the server the system exposes (gaia.apps.loadgen.measure:
+through the delaying relay when the trial adds a client round trip, with the leader's input
+counters read before and after when the system keeps them).
+
 Outcomes, one results row per trial, all recorded and none fatal to the run:
 - ok: the measured metrics (samples/ keeps every request);
 - failed: the error, with the system's logs and the traceback in its log directory;
@@ -24,7 +33,6 @@ Outcomes, one results row per trial, all recorded and none fatal to the run:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import itertools
 import signal
@@ -45,13 +53,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from gaia.apps import loadgen
 from gaia.environment import describe as describe_environment
 from gaia.experiments.definition import Experiment, SystemSpec, Trial, expand
 from gaia.experiments.errors import DefinitionError, RunInterrupted
 from gaia.experiments.registry import system_factory
 from gaia.results import Paths, RowWriter, RunDir, Status, TrialRow, utc_now, write_json
-from gaia.systems import ReplicatedSystem, SystemUnavailable
-from gaia.workload import Load, Metrics, run_closed_loop
+from gaia.systems import ReplicatedSystem, ServesApp, SystemUnavailable
+from gaia.workload import InputBreakdown, Load, Metrics, run_closed_loop
 
 RUNNABLE_TARGETS: tuple[str, ...] = ("local",)
 """Targets this runner drives. Remote ones need gaia.cluster's remote launcher (not yet)."""
@@ -143,8 +152,9 @@ def run(
                 progress=progress,
                 total=len(trials),
             )
-            for _, group in itertools.groupby(trials, key=lambda t: t.group):
-                session.run_group(list(group))
+            key = (lambda t: t.id) if experiment.interleave else (lambda t: t.group)
+            for name, group in itertools.groupby(trials, key=key):
+                session.run_group(list(group), name)
     except KeyboardInterrupt:
         run_dir.set_status("interrupted")
         raise RunInterrupted(run_dir.path) from None
@@ -169,21 +179,26 @@ class _Session:
         self.rows = rows
         self.progress = progress
         self.overall = progress.add_task(experiment.name, total=total)
+        self.prepared = False  # the load tool's preparation ran on the current system
 
-    def run_group(self, trials: list[Trial]) -> None:
+    def run_group(self, trials: list[Trial], group: str) -> None:
         """Run a group's trials against one system, restarting it after a failed trial."""
         spec, replicas = trials[0].spec, trials[0].replicas
+        tool = self.experiment.workload.tool
         pending = list(trials)
         for attempt in itertools.count(1):
             if not pending:
                 return
-            name = trials[0].group if attempt == 1 else f"{trials[0].group}.{attempt}"
+            name = group if attempt == 1 else f"{group}.{attempt}"
             log_dir = self.run_dir.log_dir(name)
             with self.progress_task(f"starting {name}") as task:
                 try:
                     factory = system_factory(spec.system)
                     system = factory(replicas, log_dir, **factory_params(self.experiment, spec))
+                    if tool:
+                        loadgen.driver(tool).require()  # YCSB: testbed only
                     with _running(system, log_dir):
+                        self.prepared = False
                         self.check_durability(spec, system)
                         while pending and self.run_trial(system, pending[0], log_dir, task):
                             pending.pop(0)
@@ -216,6 +231,8 @@ class _Session:
         self, system: ReplicatedSystem, trial: Trial, log_dir: Path, task: TaskID
     ) -> bool:
         """Measure one trial and record it; False if it failed."""
+        if self.experiment.workload.tool:
+            return self.run_app_trial(system, trial, log_dir, task)
         workload = self.experiment.workload
         load = Load(
             connections=trial.mode.connections,
@@ -253,6 +270,61 @@ class _Session:
         )
         return True
 
+    def run_app_trial(
+        self, system: ReplicatedSystem, trial: Trial, log_dir: Path, task: TaskID
+    ) -> bool:
+        """One run of the app's load tool (after its warm-up run) against the system's server."""
+        workload = self.experiment.workload
+        tool = loadgen.driver(workload.tool)
+        load = loadgen.ToolLoad(
+            connections=trial.mode.connections,
+            requests=workload.requests_per_trial,
+            payload_bytes=workload.payload_bytes,
+            operations=workload.operations,
+            timeout_s=self.experiment.timeouts.trial_s,
+        )
+        self.progress.update(task, description=f"{trial.id}: {tool.tool}", total=None)
+        try:
+            if not isinstance(system, ServesApp):
+                raise RuntimeError(f"{system.name} serves no app for {tool.tool} to drive")
+            measured = loadgen.measure(
+                system,
+                tool,
+                load,
+                warmup=workload.warmup_requests,
+                client_rtt_us=trial.client_rtt_us,
+                log_dir=log_dir,
+                name=trial.id,
+                prepare=not self.prepared,
+            )
+            self.prepared = True
+        except Exception as exc:
+            details = _traceback_file(log_dir, trial.id, exc)
+            self.record(
+                trial,
+                "failed",
+                _one_line(exc),
+                log_dir=log_dir,
+                details=details,
+                isolation=_isolation_of(system),
+            )
+            return False
+        relay_rtt_us = None
+        if measured.relay is not None:
+            write_json(log_dir / f"{trial.id}.relay.json", measured.relay.as_dict())
+            relay_rtt_us = _rounded(measured.relay.measured_rtt_us)
+        self.record(
+            trial,
+            "ok",
+            "",
+            log_dir=log_dir,
+            metrics=measured.metrics,
+            breakdown=measured.breakdown,
+            relay_rtt_us=relay_rtt_us,
+            isolation=_isolation_of(system),
+        )
+        return True
+
     def check_durability(self, spec: SystemSpec, system: ReplicatedSystem) -> None:
         """A curve's durability label must be what the system says it does."""
         reported = system.describe().get("durability")
@@ -271,6 +343,8 @@ class _Session:
         details: Path | None = None,
         metrics: Metrics | None = None,
         isolation: str = "",
+        breakdown: InputBreakdown | None = None,
+        relay_rtt_us: float | None = None,
     ) -> None:
         """Append the trial's row and print its line."""
         if details is not None:
@@ -283,13 +357,16 @@ class _Session:
             durability=trial.spec.durability,
             replicas=trial.replicas,
             connections=trial.mode.connections,
+            client_rtt_us=trial.client_rtt_us,
             trial=trial.number,
             status=status,
             reason=reason,
             isolation=isolation,
+            metrics=metrics,
+            relay_rtt_us=relay_rtt_us,
+            breakdown=breakdown,
             log_dir=self.run_dir.relative(log_dir) if log_dir is not None else "",
             finished_utc=utc_now().isoformat(timespec="seconds"),
-            **(dataclasses.asdict(metrics) if metrics is not None else {}),
         )
         self.rows.append(row)
         self.progress.advance(self.overall)
@@ -348,13 +425,26 @@ def _traceback_file(log_dir: Path, name: str, exc: BaseException) -> Path:
     return path
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _line(row: TrialRow) -> str:
     """One printed line per finished trial."""
-    where = f"{row.series} r{row.replicas} c{row.connections} t{row.trial}"
-    if row.status == "ok":
-        return (
-            f"[green]{'ok':<12}[/] {where}: median {row.median_us:.1f} µs, "
-            f"p99 {row.p99_us:.1f} µs, {row.throughput_rps:.0f} req/s"
+    rtt = f" +{row.client_rtt_us}µs" if row.client_rtt_us else ""
+    where = f"{row.series} r{row.replicas} c{row.connections}{rtt} t{row.trial}"
+    m = row.metrics
+    if row.status == "ok" and m is not None:
+        center = f"median {m.median_us:.1f} µs" if m.median_us is not None else ""
+        center = center or f"mean {m.mean_us:.1f} µs"
+        text = (
+            f"[green]{'ok':<12}[/] {where}: {center}, "
+            f"p99 {m.p99_us:.1f} µs, {m.throughput_rps:.0f} req/s"
         )
+        if row.breakdown is not None and row.breakdown.quorum_mean_us is not None:
+            text += f", consensus {row.breakdown.quorum_mean_us:.0f} µs"
+        if row.relay_rtt_us is not None:
+            text += f", relay RTT {row.relay_rtt_us:.0f} µs"
+        return text
     colour = "red" if row.status == "failed" else "yellow"
     return f"[{colour}]{row.status:<12}[/] {where}: {row.reason}"

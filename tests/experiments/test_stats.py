@@ -7,7 +7,9 @@ import math
 import pandas as pd
 import pytest
 
-from gaia.stats import median_ci, summarize
+from gaia.stats import GROUP_BY, median_ci, summarize
+
+SUMMARY_COLUMNS = [*GROUP_BY, "median", "low", "high", "n"]
 
 
 def test_median_and_interval_of_known_data() -> None:
@@ -39,6 +41,7 @@ def test_summarize_groups_ok_trials_only() -> None:
             "series": ["a", "a", "a", "a", "b", "b"],
             "replicas": [3, 3, 3, 3, 3, 3],
             "connections": [1, 1, 1, 1, 1, 1],
+            "client_rtt_us": [0, 0, 0, 0, 0, 0],
             "status": ["ok", "ok", "ok", "failed", "ok", "not-run-here"],
             "median_us": [10.0, 30.0, 20.0, None, 5.0, None],
         }
@@ -47,20 +50,13 @@ def test_summarize_groups_ok_trials_only() -> None:
     assert summary.loc["a", "median"] == 20
     assert summary.loc["a", "n"] == 3
     assert summary.loc["b", "median"] == 5 and summary.loc["b", "n"] == 1
-    assert list(summary.columns) == ["replicas", "connections", "median", "low", "high", "n"]
+    assert list(summary.columns) == SUMMARY_COLUMNS[1:]
 
 
 def test_summarize_of_nothing_has_the_columns() -> None:
-    empty = pd.DataFrame(columns=["series", "replicas", "connections", "status", "median_us"])
-    assert list(summarize(empty).columns) == [
-        "series",
-        "replicas",
-        "connections",
-        "median",
-        "low",
-        "high",
-        "n",
-    ]
+    columns = ["series", "replicas", "connections", "client_rtt_us", "status", "median_us"]
+    empty = pd.DataFrame(columns=columns)
+    assert list(summarize(empty).columns) == SUMMARY_COLUMNS
 
 
 @pytest.mark.parametrize("confidence", [0.5, 0.95])
