@@ -89,8 +89,9 @@ class Guard:
         """Whether this app can be checkpointed (else a restore replays from index 0)."""
         return self.app == "redis"
 
-    def latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint of this cluster (its metadata is written last)."""
+    def latest(self, upto: int | None = None) -> Checkpoint | None:
+        """The newest complete checkpoint of this cluster (its metadata is written last), at
+        or before log index `upto` if given."""
         found: list[Checkpoint] = []
         for meta in self.dir.glob("ckpt-*.json"):
             try:
@@ -105,7 +106,8 @@ class Guard:
                     for c, n, crc, proto in raw["conns"]
                 )
                 found.append(Checkpoint(self.cluster_id, raw["index"], conns, snapshot))
-        return max(found, key=lambda c: c.index, default=None)
+        usable = [c for c in found if upto is None or c.index <= upto]
+        return max(usable, key=lambda c: c.index, default=None)
 
     def take(
         self, index: int, outputs: Callable[[], tuple[tuple[int, ConnOutput, int], ...]]

@@ -59,17 +59,21 @@ class AppHost:
         self.restores = 0
         self.started_from = 0  # the log index the running server's snapshot held
         self._restored_from = -1
+        self._last_agreed = 0  # the newest output check this replica's server passed
         # leader side: the shim's connection entry -> the connection id agreed at CONNECT
         self.conn_ids: dict[int, int] = {}
         self._next_conn = 0
 
     def start(
-        self, report_output: Callable[[int, int], None], on_divergence: Callable[[int], None]
+        self,
+        report_output: Callable[[int, int], None],
+        on_divergence: Callable[[int], None],
+        upto: int | None = None,
     ) -> int:
-        """Start the server from the newest checkpoint (shim preloaded, role NONE: it refuses
-        clients until told); return the log index the server already holds."""
+        """Start the server from the newest checkpoint (at or before `upto`; shim preloaded,
+        role NONE: it refuses clients until told); return the log index the server holds."""
         self._report_output, self._on_divergence = report_output, on_divergence
-        checkpoint = self.guard.latest()
+        checkpoint = self.guard.latest(upto)
         self.guard.stage(checkpoint)
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, LD_PRELOAD=str(shim_library()), GAIA_SHIM_SEGMENT=self.segment.name)
@@ -100,13 +104,16 @@ class AppHost:
         """Restart the server of a backup whose output diverged; return the index the new
         server holds: replay every entry after it again.
 
-        A replica cannot tell when its state went wrong, so its own newest checkpoint may hold
-        the fault already: a restore starts from it, and if that is the checkpoint the last
-        restore started from (the fault came back), the checkpoints are dropped and it replays
-        the whole log from an empty server. Diverging again after that is not this replica's
+        A replica cannot tell when its state went wrong, so a checkpoint newer than its last
+        agreeing output check may hold the fault already: a restore starts from the newest
+        checkpoint at or before that check, and if that is the checkpoint the last restore
+        started from (the fault came back), the checkpoints are dropped and it replays the
+        whole log from an empty server. Diverging again after that is not this replica's
         state but nondeterminism a restore cannot repair: Unrepairable, and the server is left
         running as it is."""
-        latest = self.guard.latest()
+        if self.replayer is not None:
+            self._last_agreed = max(self._last_agreed, self.replayer.stats.last_agreed)
+        latest = self.guard.latest(upto=self._last_agreed)
         start = latest.index if latest is not None else 0
         if self.restores and start == self._restored_from == 0:
             raise Unrepairable("diverged again after replaying the whole log")
@@ -117,7 +124,7 @@ class AppHost:
             start = 0
         self.restores += 1
         self._restored_from = start
-        return self.start(self._report_output, self._on_divergence)
+        return self.start(self._report_output, self._on_divergence, upto=self._last_agreed)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

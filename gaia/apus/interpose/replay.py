@@ -63,6 +63,7 @@ class ReplayStats:
     output_checks: int = 0
     diverged: int = 0
     agreed: int = 0
+    last_agreed: int = 0  # the log index of the newest output check that agreed
     checkpoints: int = 0
 
 
@@ -239,6 +240,7 @@ class Replayer:
         self.report_output(e.index, mine)
         if mine == leaders:
             self.stats.agreed += 1
+            self.stats.last_agreed = e.index
         else:
             self.stats.diverged += 1
             log.warning(
