@@ -391,18 +391,17 @@ class ReplicaDaemon:
                     app.segment.answer(i.slot, committed=False)
                     return 0
                 try:
-                    index = self._propose_locked(app, kind, i)
+                    return self._propose_locked(app, kind, i)
                 except Backpressure:
-                    index = 0
-                if index:
-                    return max(index, 0)
+                    pass
             if time.monotonic() > deadline:
                 app.segment.answer(i.slot, committed=False)
                 return 0
             time.sleep(0.0002)
 
     def _propose_locked(self, app: AppHost, kind: EntryKind, i: Input) -> int:
-        """Propose one shim input (lock held); 0 if the log is full. Every `output_period`-th
+        """Propose one shim input (lock held): its log index, or 0 if it was answered here (its
+        connection is unknown); Backpressure if the log is full. Every `output_period`-th
         input on a connection is preceded by an OUTPUT entry with the output so far: the server
         is blocked reading this very input, so that output is complete."""
         if kind == EntryKind.CONNECT:
@@ -412,7 +411,7 @@ class ReplicaDaemon:
             conn = known
         else:  # accepted under an earlier leadership of mine: that client is gone
             app.segment.answer(i.slot, committed=False)
-            return -1
+            return 0
         period = self.config.output_period
         if kind == EntryKind.DATA and period:
             self._inputs_on[i.conn] += 1

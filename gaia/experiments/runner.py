@@ -249,16 +249,7 @@ class _Session:
         try:
             recording = run_closed_loop(system.client, load, show)
         except Exception as exc:
-            details = _traceback_file(log_dir, trial.id, exc)
-            self.record(
-                trial,
-                "failed",
-                _one_line(exc),
-                log_dir=log_dir,
-                details=details,
-                isolation=_isolation_of(system),
-            )
-            return False
+            return self.record_failure(system, trial, log_dir, exc)
         self.run_dir.write_samples(trial.id, recording)
         self.record(
             trial,
@@ -299,16 +290,7 @@ class _Session:
             )
             self.prepared = True
         except Exception as exc:
-            details = _traceback_file(log_dir, trial.id, exc)
-            self.record(
-                trial,
-                "failed",
-                _one_line(exc),
-                log_dir=log_dir,
-                details=details,
-                isolation=_isolation_of(system),
-            )
-            return False
+            return self.record_failure(system, trial, log_dir, exc)
         relay_rtt_us = None
         if measured.relay is not None:
             write_json(log_dir / f"{trial.id}.relay.json", measured.relay.as_dict())
@@ -332,6 +314,17 @@ class _Session:
             raise RuntimeError(
                 f"definition says durability {spec.durability!r}, the system reports {reported!r}"
             )
+
+    def record_failure(
+        self, system: ReplicatedSystem, trial: Trial, log_dir: Path, exc: Exception
+    ) -> bool:
+        """Record a trial that raised, with its traceback beside the logs; always False."""
+        details = _traceback_file(log_dir, trial.id, exc)
+        isolation = _isolation_of(system)
+        self.record(
+            trial, "failed", _one_line(exc), log_dir=log_dir, details=details, isolation=isolation
+        )
+        return False
 
     def record(
         self,
