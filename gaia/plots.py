@@ -292,11 +292,15 @@ def _legend(figure: Figure, axes: Any) -> None:
 BREAKDOWN_PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     (
         "socket calls agreed per run",
-        (("consensus_inputs", "accept + read + close"), ("input_calls", "reads with data")),
+        (
+            ("consensus_inputs", "accept + read + close"),
+            ("input_calls", "reads with data"),
+            ("consensus_rounds", "consensus rounds"),
+        ),
     ),
     ("received bytes per read", (("input_bytes_per_call", "bytes per read"),)),
     (
-        "time per consensus (µs)",
+        "time per consensus round (µs)",
         (
             ("storage_mean_us", "storage (L2 + L3)"),
             ("first_ack_mean_us", "first ack"),

@@ -468,11 +468,12 @@ OVERHEADS: tuple[tuple[str, str], ...] = (
 BREAKDOWN_COLUMNS: tuple[tuple[str, str], ...] = (
     ("requests", "requests"),
     ("consensus_inputs", "socket calls agreed (accept, read, close)"),
+    ("consensus_rounds", "consensus rounds (log entries)"),
     ("input_calls", "reads with data"),
     ("input_bytes_per_call", "bytes per read"),
     ("storage_mean_us", "storage, mean µs"),
     ("first_ack_mean_us", "first ack, mean µs"),
-    ("quorum_mean_us", "consensus (quorum), mean µs"),
+    ("quorum_mean_us", "consensus round (quorum), mean µs"),
     ("throughput_rps", "req/s"),
 )
 
@@ -564,8 +565,9 @@ def _overhead_at(
 def _limits(
     experiment: Experiment, m: _Measurements, curves: list[tuple[SystemSpec, int]]
 ) -> list[str]:
-    """For each replicated curve (direct client): consensus time per input, and the ceiling it
-    puts on a server whose every input waits for its agreement."""
+    """For each replicated curve (direct client): the time of a consensus round, how many
+    requests a round served, and the ceiling that puts on a server whose every input waits
+    for its round."""
     table = []
     for spec, replicas in curves:
         app = str(spec.params.get("app", ""))
@@ -574,24 +576,31 @@ def _limits(
         threads = APPS[app].threads
         point = Point(spec.series, replicas)
         for mode in experiment.client_modes:
-            quorum = m.estimate(point, mode.connections, 0, "quorum_mean_us")
-            inputs = m.estimate(point, mode.connections, 0, "consensus_inputs")
-            requests = m.estimate(point, mode.connections, 0, "requests")
-            measured = m.estimate(point, mode.connections, 0, "throughput_rps")
-            storage = m.estimate(point, mode.connections, 0, "storage_mean_us")
-            if None in (quorum, inputs, requests, measured):
+            quorum, inputs, rounds, requests, measured, storage = (
+                m.estimate(point, mode.connections, 0, metric)
+                for metric in (
+                    "quorum_mean_us",
+                    "consensus_inputs",
+                    "consensus_rounds",
+                    "requests",
+                    "throughput_rps",
+                    "storage_mean_us",
+                )
+            )
+            if None in (quorum, inputs, rounds, requests, measured):
                 continue
-            assert quorum and inputs and requests and measured
-            per_request = inputs.median / requests.median
-            in_flight = min(threads, mode.connections)  # a thread waits on one connection
-            ceiling = in_flight * 1e6 / (quorum.median * per_request)
+            assert quorum and inputs and rounds and requests and measured
+            per_round = requests.median / rounds.median
+            in_flight = min(threads, mode.connections)  # a thread waits for one round
+            ceiling = in_flight * 1e6 / quorum.median * per_round
             table.append(
                 (
                     _curve(spec, replicas),
                     mode.label,
                     _number(quorum.median),
                     _number(storage.median) if storage else "",
-                    f"{per_request:.3f}",
+                    f"{inputs.median / rounds.median:.2f}",
+                    f"{per_round:.2f}",
                     f"{in_flight}",
                     _number(ceiling),
                     _number(measured.median),
@@ -603,10 +612,11 @@ def _limits(
     header = (
         "curve",
         "client mode",
-        "consensus, mean µs",
+        "consensus round, mean µs",
         "storage, mean µs",
-        "agreed inputs per request",
-        "inputs in flight",
+        "inputs per round",
+        "requests per round",
+        "rounds in flight",
         "ceiling, req/s",
         "measured, req/s",
         "measured / ceiling",
@@ -615,14 +625,15 @@ def _limits(
         "### What limits it",
         "",
         "The shim holds every input the server reads until it is agreed, and the server's "
-        "thread waits in that read meanwhile, so a server with T worker threads serving C "
-        "connections has at most min(T, C) inputs in flight and takes at most that many / "
-        "(consensus time x agreed inputs per request) requests per second, however many more "
-        "connections it has. Consensus time is the leader's mean from proposing an input to "
-        "its majority ack (STATUS timing totals, over the measured run); client direct. What "
-        "keeps the measured rate below that ceiling is the rest of each input's path: the "
-        "shim's hand-over to the daemon's intake thread and back (a futex doorbell each way) "
-        "and the server's own work.",
+        "thread waits meanwhile. When the server's event loop is told of several ready "
+        "clients at once, the shim reads and agrees them all in one round (one BATCH entry), "
+        "so a server with T worker threads has at most T rounds in flight and takes at most "
+        "T x (requests per round) / (consensus round time) requests per second. Consensus "
+        "time is the leader's mean from proposing a round's entry to its majority ack (STATUS "
+        "timing totals, over the measured run); client direct. What keeps the measured rate "
+        "below that ceiling is the rest of each round's path: the shim's hand-over to the "
+        "daemon's intake thread and back (a futex doorbell each way) and the server's own "
+        "work.",
         "",
         _markdown_table(header, table),
         "",

@@ -70,13 +70,16 @@ class InputBreakdown:
 
     - consensus_inputs: the socket calls that each went through consensus (accept, every read
       that returned data, close), as the seeds count them;
+    - consensus_rounds: the log entries that carried them: one input each, or a BATCH of the
+      inputs of every connection that was ready together;
     - input_calls and input_bytes_per_call: the reads alone, and their mean size;
-    - storage / first-ack / quorum mean: per agreed input, from its proposal to its local log
-      write (L2), to the first backup's ack, to the majority's (the consensus latency).
+    - storage / first-ack / quorum mean: per round, from its proposal to its local log write
+      (L2), to the first backup's ack, to the majority's (the consensus latency).
 
     A counter the system does not keep gives None."""
 
     consensus_inputs: int | None = None
+    consensus_rounds: int | None = None
     input_calls: int | None = None
     input_bytes_per_call: float | None = None
     storage_mean_us: float | None = None
@@ -108,6 +111,7 @@ class InputBreakdown:
         inputs = delta("consensus_inputs")
         return cls(
             consensus_inputs=None if inputs is None else int(inputs),
+            consensus_rounds=None if timed is None else int(timed),
             input_calls=None if calls is None else int(calls),
             input_bytes_per_call=round(read / calls, 3) if read is not None and calls else None,
             storage_mean_us=mean_us(delta("storage_s"), timed),

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ from gaia.apus.core.types import (
     RemoteWrite,
     RoleChange,
     SendSnapshot,
+    batch_size,
+    encode_batch,
     encode_output,
 )
 from gaia.apus.interpose.host import AppHost, Unrepairable
@@ -105,6 +107,7 @@ class ReplicaDaemon:
             **config.transport_options,
         )
         self.core = Replica(core_cfg, self.transport.region, recovered)
+        self.max_payload = Layout(core_cfg).max_payload
         self.lock = threading.Lock()  # the core and the pending inputs
         self.io_lock = threading.Lock()  # one thread at a time carries out actions, in order
         self.stopping = threading.Event()
@@ -124,7 +127,7 @@ class ReplicaDaemon:
                 replica_id=replica_id,
                 address=(member.host, member.app_port),
                 workdir=config.data_dir / f"app{replica_id}",
-                max_data=Layout(core_cfg).max_payload,
+                max_data=self.max_payload,
                 checkpoint_every=config.checkpoint_every,
             )
         self._led_views: set[int] = set()  # my server executed these views' entries itself
@@ -369,11 +372,11 @@ class ReplicaDaemon:
         segment = self.app.segment
         while not self.stopping.is_set():
             seen = segment.doorbell()
-            inputs = list(segment.take())
+            inputs = segment.take()
             if not inputs:
                 segment.wait(seen, 0.05)
                 continue
-            proposed = [self._propose_input(self.app, i) for i in inputs]
+            proposed = [self._propose_inputs(self.app, g) for g in self._entries_for(inputs)]
             self._pump()  # the log write (L2) and the writes to the backups (L3)
             stored = time.perf_counter()
             with self.lock:
@@ -381,55 +384,102 @@ class ReplicaDaemon:
                     if (p := self.pending.get(index)) is not None:
                         p.stored = stored
 
-    def _propose_input(self, app: AppHost, i: Input) -> int:
-        """Propose one input of the shim's; its log index, or 0 if it was answered already."""
-        kind = EntryKind(i.kind)
+    def _entries_for(self, inputs: list[Input]) -> Iterator[list[Input]]:
+        """The inputs of one look, grouped by the entry that carries them: a run of DATA inputs
+        on distinct connections (a batch the shim agreed at epoll_wait, or reads of several
+        server threads) goes into one BATCH entry as far as a log slot holds it, so a round
+        costs one entry however many clients it serves; anything else is an entry of its own."""
+        group: list[Input] = []
+        size = 0
+        for i in inputs:
+            if i.kind != EntryKind.DATA:
+                if group:
+                    yield group
+                    group, size = [], 0
+                yield [i]
+                continue
+            fits = batch_size(len(group) + 1, size + len(i.payload)) <= self.max_payload
+            if group and (not fits or any(g.conn == i.conn for g in group)):
+                yield group
+                group, size = [], 0
+            group.append(i)
+            size += len(i.payload)
+        if group:
+            yield group
+
+    def _propose_inputs(self, app: AppHost, group: list[Input]) -> int:
+        """Propose one entry's inputs; its log index, or 0 if they were answered already."""
         deadline = time.monotonic() + SUBMIT_TIMEOUT_S
         while True:
             with self.lock:
                 if self.core.role != LEADER:
-                    app.segment.answer(i.slot, committed=False)
-                    return 0
-                try:
-                    return self._propose_locked(app, kind, i)
-                except Backpressure:
-                    pass
+                    break
+                if self.core.room() > self._checks_due(app, group):
+                    return self._propose_locked(app, group)
             if time.monotonic() > deadline:
-                app.segment.answer(i.slot, committed=False)
-                return 0
+                break
             time.sleep(0.0002)
-
-    def _propose_locked(self, app: AppHost, kind: EntryKind, i: Input) -> int:
-        """Propose one shim input (lock held): its log index, or 0 if it was answered here (its
-        connection is unknown); Backpressure if the log is full. Every `output_period`-th
-        input on a connection is preceded by an OUTPUT entry with the output so far: the server
-        is blocked reading this very input, so that output is complete."""
-        if kind == EntryKind.CONNECT:
-            conn = app.conn_ids[i.conn] = app.new_conn_id(self.core.view)
-            self._inputs_on[i.conn] = 0
-        elif (known := app.conn_ids.get(i.conn)) is not None:
-            conn = known
-        else:  # accepted under an earlier leadership of mine: that client is gone
+        for i in group:
             app.segment.answer(i.slot, committed=False)
-            return 0
+        return 0
+
+    def _checks_due(self, app: AppHost, group: list[Input]) -> int:
+        """How many OUTPUT entries `_propose_locked` puts before these inputs (lock held)."""
         period = self.config.output_period
-        if kind == EntryKind.DATA and period:
-            self._inputs_on[i.conn] += 1
-            if self._inputs_on[i.conn] % period == 0:
-                out = app.segment.output(i.conn)
-                check = encode_output(out.nbytes, output_digest(out))
-                self.core.propose(EntryKind.OUTPUT, conn, check)
+        if not period:
+            return 0
+        return sum(
+            1
+            for i in group
+            if i.kind == EntryKind.DATA
+            and i.conn in app.conn_ids
+            and (self._inputs_on[i.conn] + 1) % period == 0
+        )
+
+    def _propose_locked(self, app: AppHost, group: list[Input]) -> int:
+        """Propose one entry's shim inputs (lock held, room checked): its log index, or 0 if
+        they were all answered here (their connections are unknown). Every
+        `output_period`-th input on a connection is preceded by an OUTPUT entry with the output
+        so far: the server is blocked reading this very input, or in epoll_wait where the shim
+        agrees a batch of inputs for it, so that output is complete."""
+        period = self.config.output_period
+        carried: list[tuple[Input, int]] = []
+        for i in group:
+            if i.kind == EntryKind.CONNECT:
+                conn = app.conn_ids[i.conn] = app.new_conn_id(self.core.view)
+                self._inputs_on[i.conn] = 0
+            elif (known := app.conn_ids.get(i.conn)) is not None:
+                conn = known
+            else:  # accepted under an earlier leadership of mine: that client is gone
+                app.segment.answer(i.slot, committed=False)
+                continue
+            if i.kind == EntryKind.DATA and period:
+                self._inputs_on[i.conn] += 1
+                if self._inputs_on[i.conn] % period == 0:
+                    out = app.segment.output(i.conn)
+                    check = encode_output(out.nbytes, output_digest(out))
+                    self.core.propose(EntryKind.OUTPUT, conn, check)
+            carried.append((i, conn))
+            self.proposed_inputs[EntryKind(i.kind).name.lower()] += 1
+        if not carried:
+            return 0
         t0 = time.perf_counter()
-        index = self.core.propose(kind, conn, i.payload)
-        self.proposed_inputs[kind.name.lower()] += 1
-        slot = i.slot
+        if len(carried) == 1:
+            (one, conn), = carried
+            index = self.core.propose(EntryKind(one.kind), conn, one.payload)
+        else:
+            batch = encode_batch([(conn, i.payload) for i, conn in carried])
+            index = self.core.propose(EntryKind.BATCH, 0, batch)
+            self.proposed_inputs["batch_entries"] += 1
+        slots = [i.slot for i, _ in carried]
 
         def answer(status: Status, at: int, _body: bytes) -> None:
-            app.segment.answer(slot, committed=status == Status.OK, index=at)
+            for slot in slots:
+                app.segment.answer(slot, committed=status == Status.OK, index=at)
 
         self.pending[index] = Pending(self.core.view, t0, answer, None)
-        if kind == EntryKind.CLOSE:
-            del app.conn_ids[i.conn]
+        if group[0].kind == EntryKind.CLOSE:
+            del app.conn_ids[group[0].conn]
         return index
 
     # ------------------------------------------------------------------ clients
@@ -526,15 +576,22 @@ class ReplicaDaemon:
             if self.app is not None:
                 replayer = self.app.replayer
                 idle = replayer is None or replayer.idle()
+                if self._restoring or (self._restore_wanted.is_set() and not self.unrepairable):
+                    # the server is known to differ and about to be rebuilt, or being rebuilt:
+                    # it holds only the snapshot it started from (the new replayer may not be
+                    # fed yet)
+                    replayed = self.app.started_from
+                elif idle or replayer is None:
+                    replayed = self._delivered
+                else:
+                    replayed = replayer.applied
                 info["app"] = {
                     **self.app.status(),
                     "proposed": dict(self.proposed_inputs),
                     "output_checks": dict(self.output_verdicts),
                     "unrepairable": self.unrepairable,
                     # every applied entry up to here is in this replica's server
-                    "replayed_upto": self._delivered
-                    if idle or replayer is None
-                    else replayer.applied,
+                    "replayed_upto": replayed,
                 }
             count, storage_s, first_ack_s, quorum_s = self.timing_totals
             info["timing_totals"] = {

@@ -69,6 +69,7 @@ Metric = Literal[
     "p99_us",
     "throughput_rps",
     "consensus_inputs",
+    "consensus_rounds",
     "input_calls",
     "input_bytes_per_call",
     "storage_mean_us",

@@ -136,6 +136,7 @@ def test_the_breakdown_is_the_difference_of_two_leader_snapshots() -> None:
     breakdown = InputBreakdown.between(before, after)
     assert breakdown.input_calls == 10_000
     assert breakdown.consensus_inputs == 10_000  # accepts and closes did not change
+    assert breakdown.consensus_rounds == 10_016
     assert breakdown.input_bytes_per_call == pytest.approx(72.0)
     assert breakdown.quorum_mean_us == pytest.approx(500.0)
     assert breakdown.storage_mean_us == pytest.approx(100.0)

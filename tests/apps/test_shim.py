@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,7 +61,8 @@ def test_without_a_segment_the_shim_stays_out_of_the_way() -> None:
 def test_the_layout_is_read_from_the_c_header() -> None:
     assert L["GAIA_SLOT_SIZE"] == L["GAIA_SLOT_DATA"] + L["GAIA_DATA_CAP"]
     slots, conns = L["GAIA_SLOTS"] * L["GAIA_SLOT_SIZE"], L["GAIA_CONNS"] * L["GAIA_CONN_SIZE"]
-    assert L["GAIA_SEGMENT_SIZE"] == L["GAIA_HDR_SIZE"] + slots + conns
+    turns = L["GAIA_TURNS"] * L["GAIA_TURN_SIZE"]
+    assert L["GAIA_SEGMENT_SIZE"] == L["GAIA_HDR_SIZE"] + slots + conns + turns
     assert L["GAIA_MAGIC"].to_bytes(8, "little") == b"GAIASHM1"
 
 
@@ -76,3 +80,132 @@ def test_bad_app_settings_are_refused(tmp_path: Path, app: str, ports: int, mess
     path.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match=message):
         ClusterConfig.load(path)
+
+
+def _submit(segment: AppSegment, slot: int, seq: int, payload: bytes) -> None:
+    base = L["GAIA_SLOTS_OFFSET"] + slot * L["GAIA_SLOT_SIZE"]
+    fields = {"KIND": L["GAIA_KIND_DATA"], "CONN": slot, "LEN": len(payload), "SEQ": seq}
+    for name, value in fields.items():
+        segment.mem[base + L[f"GAIA_SLOT_{name}"] : base + L[f"GAIA_SLOT_{name}"] + 4] = (
+            value.to_bytes(4, "little")
+        )
+    data = base + L["GAIA_SLOT_DATA"]
+    segment.mem[data : data + len(payload)] = payload
+    state = base + L["GAIA_SLOT_STATE"]
+    segment.mem[state : state + 4] = L["GAIA_SLOT_SUBMITTED"].to_bytes(4, "little")
+
+
+def test_inputs_are_taken_in_submission_order_across_the_sequence_wrap() -> None:
+    segment = AppSegment("shimorder", 0, 1024)
+    try:
+        # slot order is not submission order; the sequence numbers wrap past 2**32
+        for slot, seq, payload in [(0, 1, b"c"), (3, 2**32 - 1, b"a"), (7, 0, b"b"), (9, 2, b"d")]:
+            _submit(segment, slot, seq, payload)
+        assert [i.payload for i in segment.take()] == [b"a", b"b", b"c", b"d"]
+        assert segment.take() == []  # each is taken once
+    finally:
+        segment.close()
+
+
+ECHO_SERVER = """
+import os, select, socket
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+ep = select.epoll()
+ep.register(srv.fileno(), select.EPOLLIN)
+conns = {}
+while True:
+    for fd, _ in ep.poll():
+        if fd == srv.fileno():
+            c, _ = srv.accept()
+            c.setblocking(False)
+            ep.register(c.fileno(), select.EPOLLIN)
+            conns[c.fileno()] = c
+            continue
+        try:
+            data = os.read(fd, 3)  # less than a client sends: the rest waits in the shim
+        except ConnectionResetError:
+            data = b""
+        if data:
+            os.write(fd, data)
+        else:
+            ep.unregister(fd)
+            conns.pop(fd).close()
+            print("closed", flush=True)
+"""
+
+
+class StandInDaemon:
+    """Plays the replica daemon for one shim: commits (or loses) what it submits, in order."""
+
+    def __init__(self, segment: AppSegment) -> None:
+        self.segment = segment
+        self.taken: list[tuple[int, bytes]] = []
+        self.commit = True
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.segment.beat()
+            seen = self.segment.doorbell()
+            inputs = self.segment.take()
+            for i in inputs:
+                self.taken.append((i.kind, i.payload))
+                lose = i.kind == L["GAIA_KIND_DATA"] and not self.commit
+                self.segment.answer(i.slot, committed=not lose, index=len(self.taken))
+            if not inputs:
+                self.segment.wait(seen, 0.01)
+
+    def data(self) -> list[bytes]:
+        return [p for kind, p in self.taken if kind == L["GAIA_KIND_DATA"]]
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_input_agreed_at_epoll_wait_reaches_a_server_that_reads_less_of_it() -> None:
+    segment = AppSegment("shimahead", 0, 1024)
+    segment.role = L["GAIA_ROLE_LEADER"]
+    daemon = StandInDaemon(segment)
+    env = dict(os.environ, LD_PRELOAD=str(shim_library()), GAIA_SHIM_SEGMENT=segment.name)
+    server = subprocess.Popen(
+        [sys.executable, "-c", ECHO_SERVER], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"hello world")
+            # one input agreed ahead, handed over 3 bytes a read: still readable when the
+            # kernel no longer holds any of it
+            assert _recv_exactly(client, 11) == b"hello world"
+            client.sendall(b"abcdef")
+            assert _recv_exactly(client, 6) == b"abcdef"
+            assert b"".join(daemon.data()) == b"hello worldabcdef"
+            assert daemon.data()[0] == b"hello world"
+            counters = segment.counters()
+            assert counters["calls"] == 4 + 2 and counters["input_bytes"] == 17
+            assert counters["ahead"] == len(daemon.data()) and counters["lost"] == 0
+
+            daemon.commit = False  # an input that is not committed never reaches the server
+            client.sendall(b"xyz")
+            assert client.recv(16) == b""  # the server failed that read and hung up
+        assert server.stdout.readline().strip() == "closed"
+        assert segment.counters()["lost"] == 1
+        kinds = [kind for kind, _ in daemon.taken]
+        assert kinds[0] == L["GAIA_KIND_CONNECT"] and kinds[-1] == L["GAIA_KIND_CLOSE"]
+    finally:
+        server.kill()
+        server.wait()
+        daemon.stop.set()
+        daemon.thread.join(timeout=5)
+        segment.close()

@@ -6,12 +6,21 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gaia.apus.core.layout import Ack, Header, Layout, SlotEntry, Vote
 from gaia.apus.core.output_check import decide
-from gaia.apus.core.types import CoreConfig, Entry, EntryKind, OutputVerdict
+from gaia.apus.core.types import (
+    CoreConfig,
+    Entry,
+    EntryKind,
+    OutputVerdict,
+    batch_size,
+    decode_batch,
+    encode_batch,
+)
 
 LAYOUT = Layout(CoreConfig(replica_id=0, members=(0, 1, 2), slots=8, slot_size=256))
 
@@ -23,6 +32,30 @@ entries = st.builds(
     conn=st.integers(0, 2**63),
     payload=st.binary(max_size=LAYOUT.max_payload),
 )
+
+
+batches = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.binary(max_size=300)), max_size=20)
+
+
+@given(batches)
+def test_batch_payloads_round_trip_in_order(inputs: list[tuple[int, bytes]]) -> None:
+    payload = encode_batch(inputs)
+    assert len(payload) == batch_size(len(inputs), sum(len(d) for _, d in inputs))
+    assert decode_batch(payload) == inputs
+
+
+@given(batches.filter(bool), st.data())
+def test_a_cut_batch_payload_is_refused(
+    inputs: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
+    payload = encode_batch(inputs)
+    cut = data.draw(st.integers(1, len(payload) - 1))
+    boundaries = {batch_size(k, sum(len(d) for _, d in inputs[:k])) for k in range(len(inputs))}
+    if cut in boundaries:  # a shorter batch, still well formed
+        assert decode_batch(payload[:cut]) == inputs[: sorted(boundaries).index(cut)]
+    else:
+        with pytest.raises(ValueError, match="BATCH record"):
+            decode_batch(payload[:cut])
 
 
 def fresh() -> memoryview:

@@ -242,7 +242,15 @@ def breakdown_row(series: str, number: int, quorum: float) -> TrialRow:
         trial=number,
         status="ok",
         metrics=Metrics(10_000, None, 5000.0, 9000.0, 1500.0, 6.6),
-        breakdown=InputBreakdown(10_035, 10_001, 40.5, 300.0, 420.0, quorum),
+        breakdown=InputBreakdown(
+            consensus_inputs=10_035,
+            consensus_rounds=2_500,
+            input_calls=10_001,
+            input_bytes_per_call=40.5,
+            storage_mean_us=300.0,
+            first_ack_mean_us=420.0,
+            quorum_mean_us=quorum,
+        ),
     )
 
 

@@ -219,6 +219,10 @@ class Replica:
             self._check_config_change(decode_members(payload))
         return self._append_as_leader(kind, conn, payload)
 
+    def room(self) -> int:
+        """How many entries `propose` takes now before it raises Backpressure."""
+        return self.cfg.slots - (self.last_index - self.commit)
+
     def memory_changed(self) -> None:
         """Read what peers wrote into this replica's region since the last look."""
         beat = self._read_header()

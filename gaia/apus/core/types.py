@@ -21,6 +21,7 @@ class EntryKind(IntEnum):
     CLOSE = 3
     OUTPUT = 4  # the leader's hash of a connection's output, for the output checker
     CONFIG = 5  # a new member list (one change at a time)
+    BATCH = 6  # several DATA inputs, on distinct connections, that became ready together
 
 
 class Entry(NamedTuple):
@@ -188,6 +189,35 @@ def encode_output(upto: int, digest: int) -> bytes:
 def decode_output(payload: bytes) -> tuple[int, int]:
     upto, digest = _OUTPUT.unpack_from(payload)
     return upto, digest
+
+
+_BATCHED = struct.Struct("<QI")
+
+
+def encode_batch(inputs: list[tuple[int, bytes]]) -> bytes:
+    """BATCH payload: (connection, bytes) inputs in the order their server executes them."""
+    return b"".join(_BATCHED.pack(conn, len(data)) + data for conn, data in inputs)
+
+
+def batch_size(inputs: int, data_bytes: int) -> int:
+    """The payload size of a BATCH of `inputs` inputs carrying `data_bytes` bytes in all."""
+    return inputs * _BATCHED.size + data_bytes
+
+
+def decode_batch(payload: bytes) -> list[tuple[int, bytes]]:
+    """The inputs of a BATCH payload; ValueError if it is not one (truncated, overlong)."""
+    inputs: list[tuple[int, bytes]] = []
+    off = 0
+    while off < len(payload):
+        if off + _BATCHED.size > len(payload):
+            raise ValueError(f"a BATCH record header is cut off at byte {off}")
+        conn, n = _BATCHED.unpack_from(payload, off)
+        off += _BATCHED.size
+        if off + n > len(payload):
+            raise ValueError(f"a BATCH record of {n} B at byte {off} runs past the payload")
+        inputs.append((conn, payload[off : off + n]))
+        off += n
+    return inputs
 
 
 def encode_members(members: tuple[int, ...]) -> bytes:

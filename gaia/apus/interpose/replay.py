@@ -2,13 +2,16 @@
 
 CONNECT opens a connection to the local server (from a source port registered in the segment
 first, so the backup's shim admits it and nothing else), DATA sends the same bytes the leader's
-server read, CLOSE closes it. The server's replies are read and discarded: its shim keeps their
-byte count and crc32, which is what the output checker compares.
+server read, CLOSE closes it; a BATCH is its DATA inputs one after the other. The server's
+replies are read and discarded: its shim keeps their byte count and crc32, which is what the
+output checker compares.
 
-Order across connections: before sending on another connection than the last one, the replayer
-waits until the server has read everything sent on that last one (the shim counts the bytes the
-server read), so the server sees its reads in the leader's order, as far as one event loop can
-tell. A server that does not read within ORDER_WAIT_S is counted and replay goes on.
+Order across connections: before sending an input the replayer announces it to the server's
+shim as a turn (connection, length), in log order, and the shim lets the server read a replay
+connection only in its turn (shim.c). So the server reads its inputs in the leader's order
+across connections whatever order the kernel and epoll hand them over in, and the replayer sends
+on without waiting. Only a CLOSE and an output check first wait until the server has taken
+every turn announced; a server that does not within ORDER_WAIT_S is counted and replay goes on.
 
 OUTPUT entries carry the leader's output (byte count, crc32) on a connection up to that point in
 the log; the replayer waits until its server has written as much on its connection and reports
@@ -31,9 +34,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gaia.apus.core.types import Entry, EntryKind, decode_output
+from gaia.apus.core.types import Entry, EntryKind, decode_batch, decode_output
 from gaia.apus.interpose.guard import Checkpoint, Guard, SavedConn, resp
-from gaia.apus.interpose.segment import NO_OUTPUT, AppSegment, ConnOutput
+from gaia.apus.interpose.segment import NO_OUTPUT, AppSegment, ConnOutput, L
 
 log = logging.getLogger("gaia.apus.replay")
 
@@ -85,11 +88,13 @@ class Replayer:
     def __post_init__(self) -> None:
         self._queue: queue.SimpleQueue[Entry | None] = queue.SimpleQueue()
         self._conns: dict[int, _Replayed] = {}
-        self._last: _Replayed | None = None
+        self._replies = select.epoll()  # the replay connections, to drain what the server answers
+        self._by_fd: dict[int, _Replayed] = {}
         self._stopping = threading.Event()
         self._skip_upto = self.start.index if self.start is not None else 0
         self._checkpointed = self._skip_upto
         self.applied = self.given = self._skip_upto
+        self.segment.reset_turns()  # turns a previous server left untaken are not this one's
         self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
         self._thread.start()
 
@@ -119,9 +124,9 @@ class Replayer:
         if self._thread.is_alive():
             raise RuntimeError("the replay thread did not stop")
         for c in self._conns.values():
-            c.sock.close()
-            self.segment.release_replay(c.entry)
+            self._forget(c)
         self._conns.clear()
+        self._replies.close()
 
     def _run(self) -> None:
         try:
@@ -147,6 +152,7 @@ class Replayer:
             return
         if not all(self.segment.input_bytes(c.entry) >= c.sent for c in self._conns.values()):
             return  # bytes still in flight to the server: not a point a snapshot can stand for
+
         def outputs() -> tuple[tuple[int, ConnOutput, int], ...]:
             return tuple(
                 (conn, self.segment.output(c.entry), c.sock.getsockname()[1])
@@ -161,6 +167,10 @@ class Replayer:
         if e.kind == EntryKind.CONNECT:
             self._connect(e.conn)
             return
+        if e.kind == EntryKind.BATCH:
+            for conn, data in decode_batch(e.payload):
+                self._replay(Entry(e.index, e.view, EntryKind.DATA, conn, data))
+            return
         if e.kind not in (EntryKind.DATA, EntryKind.CLOSE, EntryKind.OUTPUT):
             return
         c = self._conns.get(e.conn)
@@ -168,20 +178,14 @@ class Replayer:
             self.stats.unknown_conn += 1
             return
         if e.kind == EntryKind.DATA:
-            self._in_order(c)
-            c.sock.sendall(e.payload)
-            c.sent += len(e.payload)
+            self._send(c, e.payload)
             self.stats.bytes += len(e.payload)
-            self._last = c
         elif e.kind == EntryKind.OUTPUT:
             self._check_output(e, c)
         else:
-            self._in_order(c)
+            self._read_by_server()
             del self._conns[e.conn]
-            c.sock.close()
-            self.segment.release_replay(c.entry)
-            if self._last is c:
-                self._last = None
+            self._forget(c)
         self._drain()
 
     def _reopen(self, saved: SavedConn) -> None:
@@ -191,7 +195,7 @@ class Replayer:
         if saved.protocol == 2:
             return
         c = self._conns[saved.conn]
-        c.sock.sendall(resp("HELLO", str(saved.protocol)))
+        self._send(c, resp("HELLO", str(saved.protocol)))
         got, deadline = 0, time.monotonic() + OUTPUT_WAIT_S
         # read the greeting until nothing more comes and the shim has counted all of it (it
         # counts a write just after making it)
@@ -211,27 +215,44 @@ class Replayer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.server[0], 0))
-        entry = self.segment.register_replay(sock.getsockname()[1], output)
+        entry = self.segment.register_replay(sock.getsockname()[1], output, ordered=True)
         try:
             sock.connect(self.server)
         except OSError:
             self.segment.release_replay(entry)
             sock.close()
             raise
-        self._conns[conn] = _Replayed(sock, entry)
+        c = self._conns[conn] = _Replayed(sock, entry)
+        self._by_fd[sock.fileno()] = c
+        self._replies.register(sock.fileno(), select.EPOLLIN)
         self.stats.connections += 1
 
-    def _in_order(self, nxt: _Replayed) -> None:
-        """Let the server read all of the previous connection's input before `nxt` gets more."""
-        last = self._last
-        if last is None or last is nxt:
-            return
-        if not self._until(lambda: self.segment.input_bytes(last.entry) >= last.sent, ORDER_WAIT_S):
+    def _forget(self, c: _Replayed) -> None:
+        self._by_fd.pop(c.sock.fileno(), None)
+        c.sock.close()  # which also takes it out of the epoll set
+        self.segment.release_replay(c.entry)
+
+    def _send(self, c: _Replayed, data: bytes) -> None:
+        """Announce `data` as the next turn, then send it."""
+        if not self._until(lambda: self.segment.announce_turn(c.entry, len(data)), ORDER_WAIT_S):
+            raise TimeoutError(f"the server took none of its {L['GAIA_TURNS']} turns in time")
+        c.sock.sendall(data)
+        c.sent += len(data)
+
+    def _read_by_server(self) -> None:
+        """Wait until the server has read everything announced so far."""
+        if not self._until(lambda: self.segment.turns_pending() == 0, ORDER_WAIT_S):
             self.stats.order_timeouts += 1
+            if not self._stopping.is_set():
+                log.warning(
+                    "the server did not read its replayed input within %.1f s: replay goes "
+                    "on, and its order across connections may differ from the leader's",
+                    ORDER_WAIT_S,
+                )
 
     def _check_output(self, e: Entry, c: _Replayed) -> None:
         upto, leaders = decode_output(e.payload)
-        self._in_order(c)
+        self._read_by_server()
         self._until(lambda: self.segment.output(c.entry).nbytes >= upto, OUTPUT_WAIT_S)
         if self._stopping.is_set():  # cut short: no verdict
             return
@@ -263,7 +284,10 @@ class Replayer:
 
     def _drain(self) -> None:
         """Read and drop whatever the server answered, so it never blocks writing to us."""
-        for c in self._conns.values():
+        for fd, _ in self._replies.poll(0):
+            c = self._by_fd.get(fd)
+            if c is None:
+                continue
             try:
                 while c.sock.recv(65536, socket.MSG_DONTWAIT):
                     pass

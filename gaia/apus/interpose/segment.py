@@ -22,7 +22,7 @@ import platform
 import re
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -165,12 +165,18 @@ class AppSegment:
         return self._u32(L["GAIA_HDR_PID"])
 
     def counters(self) -> dict[str, int]:
-        """The shim's totals: input calls agreed and their bytes, clients refused, inputs lost."""
+        """The shim's totals: input calls that delivered agreed bytes and those bytes, waits
+        for agreement (a batch agreed at epoll_wait is one), inputs agreed there ahead of the
+        server's read, clients refused, inputs lost, agreed bytes the server never read."""
         return {
             "calls": self._u64(L["GAIA_HDR_CALLS"]),
             "input_bytes": self._u64(L["GAIA_HDR_BYTES"]),
+            "rounds": self._u64(L["GAIA_HDR_ROUNDS"]),
+            "ahead": self._u64(L["GAIA_HDR_AHEAD"]),
             "refused": self._u64(L["GAIA_HDR_REFUSED"]),
             "lost": self._u64(L["GAIA_HDR_LOST"]),
+            "discarded_bytes": self._u64(L["GAIA_HDR_DISCARDED"]),
+            "out_of_turn": self._u64(L["GAIA_HDR_OUT_OF_TURN"]),
         }
 
     # -- inputs
@@ -184,8 +190,11 @@ class AppSegment:
     def _slot(self, i: int) -> int:
         return L["GAIA_SLOTS_OFFSET"] + i * L["GAIA_SLOT_SIZE"]
 
-    def take(self) -> Iterator[Input]:
-        """The inputs submitted since the last look; each is marked taken (answer it later)."""
+    def take(self) -> list[Input]:
+        """The inputs submitted since the last look, in the order they were submitted (a batch
+        the shim agrees at epoll_wait is executed in that order); each is marked taken (answer
+        it later)."""
+        taken: list[tuple[int, Input]] = []
         for i in range(L["GAIA_SLOTS"]):
             base = self._slot(i)
             if self._u32(base + L["GAIA_SLOT_STATE"]) != L["GAIA_SLOT_SUBMITTED"]:
@@ -193,10 +202,18 @@ class AppSegment:
             kind = self._u32(base + L["GAIA_SLOT_KIND"])
             conn = self._u32(base + L["GAIA_SLOT_CONN"])
             n = self._u32(base + L["GAIA_SLOT_LEN"])
+            seq = self._u32(base + L["GAIA_SLOT_SEQ"])
             data = base + L["GAIA_SLOT_DATA"]
             payload = bytes(self.mem[data : data + n])
             _U32.pack_into(self.mem, base + L["GAIA_SLOT_STATE"], L["GAIA_SLOT_TAKEN"])
-            yield Input(i, kind, conn, payload)
+            taken.append((seq, Input(i, kind, conn, payload)))
+        if not taken:
+            return []
+        # sequence numbers wrap at 2**32: order by distance from the first one seen, which
+        # is within a few dozen of every other in flight
+        first = taken[0][0]
+        taken.sort(key=lambda t: (t[0] - first + (1 << 31)) & 0xFFFFFFFF)
+        return [i for _, i in taken]
 
     def answer(self, slot: int, committed: bool, index: int = 0) -> None:
         """Release the shim's call: deliver the input (committed) or fail it (lost)."""
@@ -220,14 +237,18 @@ class AppSegment:
         """Bytes the server has read from connection entry `conn`."""
         return self._u64(self._conn(conn) + L["GAIA_CONN_IN_BYTES"])
 
-    def register_replay(self, port: int, output: ConnOutput = NO_OUTPUT) -> int:
+    def register_replay(
+        self, port: int, output: ConnOutput = NO_OUTPUT, *, ordered: bool = False
+    ) -> int:
         """Reserve a replay entry for a connection about to come from local `port`, its output
-        counted on from `output` (a connection reopened by a restore)."""
+        counted on from `output` (a connection reopened by a restore). An `ordered` one (the
+        replayer's) is read by the server only in its turns; any other (a query) freely."""
         if not self._free_replay:
             raise RuntimeError(f"all {L['GAIA_CONNS'] // 2} replay connection entries in use")
         i = self._free_replay.popleft()
         base = self._conn(i)
         _U64.pack_into(self.mem, base + L["GAIA_CONN_IN_BYTES"], 0)
+        _U32.pack_into(self.mem, base + L["GAIA_CONN_ORDERED"], int(ordered))
         self.seed_output(i, output)
         _U32.pack_into(self.mem, base + L["GAIA_CONN_PORT"], port)
         _U32.pack_into(self.mem, base + L["GAIA_CONN_STATE"], L["GAIA_CONN_REGISTERED"])
@@ -244,6 +265,29 @@ class AppSegment:
         _U32.pack_into(self.mem, base + L["GAIA_CONN_STATE"], L["GAIA_CONN_FREE"])
         _U32.pack_into(self.mem, base + L["GAIA_CONN_PORT"], 0)
         self._free_replay.append(conn)
+
+    # -- turns: the order a backup's server reads its replay connections in
+    def reset_turns(self) -> None:
+        """Forget the turns a previous server did not take (a new server starts where the shim
+        found the head at attach)."""
+        _U32.pack_into(self.mem, L["GAIA_HDR_TURN_TAIL"], self._u32(L["GAIA_HDR_TURN_HEAD"]))
+
+    def turns_pending(self) -> int:
+        """Turns announced that the server has not read in full yet."""
+        tail, head = self._u32(L["GAIA_HDR_TURN_TAIL"]), self._u32(L["GAIA_HDR_TURN_HEAD"])
+        return (tail - head) & 0xFFFFFFFF
+
+    def announce_turn(self, conn: int, nbytes: int) -> bool:
+        """The next `nbytes` the server reads on replay connections come from entry `conn`:
+        False (nothing announced) while the ring is full."""
+        if self.turns_pending() >= L["GAIA_TURNS"]:
+            return False
+        tail = self._u32(L["GAIA_HDR_TURN_TAIL"])
+        base = L["GAIA_TURNS_OFFSET"] + (tail % L["GAIA_TURNS"]) * L["GAIA_TURN_SIZE"]
+        _U32.pack_into(self.mem, base + L["GAIA_TURN_CONN"], conn)
+        _U32.pack_into(self.mem, base + L["GAIA_TURN_LEN"], nbytes)
+        _U32.pack_into(self.mem, L["GAIA_HDR_TURN_TAIL"], (tail + 1) & 0xFFFFFFFF)  # then: valid
+        return True
 
     def close(self) -> None:
         """Unmap and unlink (the server keeps its own mapping until it exits)."""

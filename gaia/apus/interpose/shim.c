@@ -9,9 +9,23 @@
  *
  * On a backup the server's clients are the daemon's replay connections, registered by source
  * port before they connect; any other client is refused, so a backup's state only ever follows
- * the log. For every connection the shim counts the bytes the server read (the replayer waits on
- * it to keep the leader's order of reads across connections) and keeps a running crc32 of what
- * the server wrote (the output checker compares it across replicas).
+ * the log. The replayer announces every input it sends as a turn (connection, length) in log
+ * order, and the server may read a replay connection only in its turn: a read on another one
+ * fails with EAGAIN (it stays readable, and the event loop comes back to it), or waits, on a
+ * blocking socket. So the server reads its inputs in the leader's order across connections,
+ * whatever order the kernel and epoll hand them over in, and the replayer never has to wait
+ * for a read before sending on. For every connection the shim counts the bytes the server
+ * read (the replayer's quiet points and output checks wait on it) and keeps a running crc32 of
+ * what the server wrote (the output checker compares it across replicas).
+ *
+ * Batching at the event loop: a server that waits in epoll_wait is told of several ready clients
+ * at once, and would then read them one by one, each read waiting a whole consensus round. So
+ * when epoll_wait returns, the shim reads the ready client connections itself (as much as the
+ * server's last read on each asked for), hands all those inputs to the daemon together (they go
+ * into the log in that order, in one round) and keeps each agreed input for that connection's
+ * next read. Input held this way keeps its descriptor reported readable (epoll_ctl tells the
+ * shim what each descriptor was registered with), so a server that reads less than was agreed
+ * still gets the rest. Nothing is delivered before it is committed, as without batching.
  *
  * Calls on anything else (files, pipes, listening and outgoing sockets) go straight through.
  * Redis 7 uses accept4/read/write, memcached accept4/read/sendmsg from several threads, so all
@@ -32,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -60,6 +75,9 @@ typedef ssize_t (*writev_fn)(int, const struct iovec *, int);
 typedef int (*accept_fn)(int, struct sockaddr *, socklen_t *);
 typedef int (*accept4_fn)(int, struct sockaddr *, socklen_t *, int);
 typedef int (*close_fn)(int);
+typedef int (*epoll_ctl_fn)(int, int, int, struct epoll_event *);
+typedef int (*epoll_wait_fn)(int, struct epoll_event *, int, int);
+typedef int (*epoll_pwait_fn)(int, struct epoll_event *, int, int, const sigset_t *);
 
 static read_fn real_read;
 static recv_fn real_recv;
@@ -74,6 +92,9 @@ static writev_fn real_writev;
 static accept_fn real_accept;
 static accept4_fn real_accept4;
 static close_fn real_close;
+static epoll_ctl_fn real_epoll_ctl;
+static epoll_wait_fn real_epoll_wait;
+static epoll_pwait_fn real_epoll_pwait;
 
 static uint8_t *seg;          /* the mapped segment; NULL: inert */
 static int active;            /* attached, and this is the process that attached */
@@ -81,12 +102,46 @@ static int daemon_gone;       /* set once the daemon's heartbeat stopped */
 static int32_t fdconn[FD_LIMIT]; /* fd -> connection entry + 1 (0: not ours) */
 static uint32_t crc_table[256];
 
+/* What the server registered each descriptor with (the last epoll_ctl on it), so that an event
+ * epoll_wait returns can be traced back to its descriptor (Redis and libevent put the descriptor
+ * itself in the event's data) and a descriptor holding input agreed ahead reported again. */
+struct watch {
+    int epfd1; /* the epoll instance + 1; 0: not registered */
+    uint32_t events;
+    uint64_t data;
+};
+static struct watch watches[FD_LIMIT];
+
+/* Input agreed ahead of the server's read, at epoll_wait; touched only by the thread that
+ * waits on the connection's epoll instance (one event loop per thread, as in memcached). */
+#define AHEAD_EOF (-1) /* ahead.end: the client closed its side */
+struct ahead {
+    uint8_t *buf;
+    uint32_t cap, len, off;
+    int end; /* once the bytes are read: 0 more may come, AHEAD_EOF, or the errno to fail with */
+    int listed; /* in its thread's ahead_fds */
+};
+static struct ahead aheads[FD_LIMIT];
+static uint32_t asked[FD_LIMIT]; /* the size of the server's last read on each descriptor */
+
+#define AHEAD_MAX 256 /* descriptors one thread may hold agreed input for */
+
+/* The turn the server is in (a backup's replay reads): taken under the lock, by any thread. */
+static pthread_mutex_t turn_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t turn_head; /* the turn being read */
+static uint32_t turn_left; /* its bytes not read yet; 0: not started */
+static __thread int ahead_fds[AHEAD_MAX];
+static __thread int n_ahead;
+
 /* ------------------------------------------------------------------ segment access */
 
 static inline uint32_t *u32at(uint8_t *base, size_t off) { return (uint32_t *)(base + off); }
 static inline uint64_t *u64at(uint8_t *base, size_t off) { return (uint64_t *)(base + off); }
 static inline uint8_t *slot_at(int i) { return seg + GAIA_SLOTS_OFFSET + (size_t)i * GAIA_SLOT_SIZE; }
 static inline uint8_t *conn_at(int i) { return seg + GAIA_CONNS_OFFSET + (size_t)i * GAIA_CONN_SIZE; }
+static inline uint8_t *turn_at(uint32_t i) {
+    return seg + GAIA_TURNS_OFFSET + (size_t)(i % GAIA_TURNS) * GAIA_TURN_SIZE;
+}
 static inline uint32_t role(void) { return __atomic_load_n(u32at(seg, GAIA_HDR_ROLE), __ATOMIC_ACQUIRE); }
 static inline void count(size_t off, uint64_t n) { __atomic_fetch_add(u64at(seg, off), n, __ATOMIC_RELAXED); }
 
@@ -140,6 +195,9 @@ __attribute__((constructor)) static void shim_init(void) {
     RESOLVE(accept);
     RESOLVE(accept4);
     RESOLVE(close);
+    RESOLVE(epoll_ctl);
+    RESOLVE(epoll_wait);
+    RESOLVE(epoll_pwait);
     crc_init();
 
     const char *name = getenv("GAIA_SHIM_SEGMENT");
@@ -160,6 +218,7 @@ __attribute__((constructor)) static void shim_init(void) {
         say("the segment does not match this shim's layout (rebuild it): refusing to run");
         _exit(70);
     }
+    turn_head = __atomic_load_n(u32at(seg, GAIA_HDR_TURN_HEAD), __ATOMIC_ACQUIRE);
     __atomic_store_n(u32at(seg, GAIA_HDR_PID), (uint32_t)getpid(), __ATOMIC_RELEASE);
     pthread_atfork(NULL, NULL, child_after_fork);
     active = 1;
@@ -172,20 +231,25 @@ static int tracked(int fd) {
     return __atomic_load_n(&fdconn[fd], __ATOMIC_ACQUIRE) - 1;
 }
 
-static uint8_t *claim_slot(void) {
+/* A free slot, or NULL if all are in use right now. */
+static uint8_t *try_claim_slot(void) {
     static __thread unsigned hint;
-    for (;;) {
-        for (int k = 0; k < GAIA_SLOTS; k++) {
-            int i = (int)((hint + (unsigned)k) % GAIA_SLOTS);
-            uint32_t expect = GAIA_SLOT_FREE;
-            if (__atomic_compare_exchange_n(u32at(slot_at(i), GAIA_SLOT_STATE), &expect,
-                                            GAIA_SLOT_CLAIMED, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-                hint = (unsigned)i;
-                return slot_at(i);
-            }
+    for (int k = 0; k < GAIA_SLOTS; k++) {
+        int i = (int)((hint + (unsigned)k) % GAIA_SLOTS);
+        uint32_t expect = GAIA_SLOT_FREE;
+        if (__atomic_compare_exchange_n(u32at(slot_at(i), GAIA_SLOT_STATE), &expect, GAIA_SLOT_CLAIMED,
+                                        0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+            hint = (unsigned)i + 1;
+            return slot_at(i);
         }
-        sched_yield();
     }
+    return NULL;
+}
+
+static uint8_t *claim_slot(void) {
+    uint8_t *slot;
+    while ((slot = try_claim_slot()) == NULL) sched_yield();
+    return slot;
 }
 
 static void release_slot(uint8_t *slot) {
@@ -203,17 +267,25 @@ static size_t slot_capacity(size_t want) {
     return want < cap ? want : cap;
 }
 
-/* Hand a filled slot to the daemon and wait for its verdict: GAIA_RESULT_OK once committed. */
-static uint32_t agree(uint8_t *slot, uint32_t kind, int conn, size_t len) {
-    if (daemon_gone) return GAIA_RESULT_LOST;
+/* Hand a filled slot to the daemon (it looks once the doorbell rings). */
+static void submit(uint8_t *slot, uint32_t kind, int conn, size_t len) {
     *u32at(slot, GAIA_SLOT_KIND) = kind;
     *u32at(slot, GAIA_SLOT_CONN) = (uint32_t)conn;
     *u32at(slot, GAIA_SLOT_LEN) = (uint32_t)len;
-    uint32_t *state = u32at(slot, GAIA_SLOT_STATE);
-    __atomic_store_n(state, GAIA_SLOT_SUBMITTED, __ATOMIC_RELEASE);
+    *u32at(slot, GAIA_SLOT_SEQ) = __atomic_fetch_add(u32at(seg, GAIA_HDR_SEQ), 1, __ATOMIC_RELAXED);
+    __atomic_store_n(u32at(slot, GAIA_SLOT_STATE), GAIA_SLOT_SUBMITTED, __ATOMIC_RELEASE);
+}
+
+static void ring(void) {
     __atomic_fetch_add(u32at(seg, GAIA_HDR_DOORBELL), 1, __ATOMIC_RELEASE);
     futex(u32at(seg, GAIA_HDR_DOORBELL), FUTEX_WAKE, 1, NULL);
+    count(GAIA_HDR_ROUNDS, 1);
+}
 
+/* Wait for the daemon's verdict on a submitted slot: GAIA_RESULT_OK once committed. */
+static uint32_t verdict(uint8_t *slot) {
+    if (daemon_gone) return GAIA_RESULT_LOST;
+    uint32_t *state = u32at(slot, GAIA_SLOT_STATE);
     for (int spin = 0; spin < SPINS; spin++) {
         if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == GAIA_SLOT_DONE)
             return *u32at(slot, GAIA_SLOT_RESULT);
@@ -238,6 +310,20 @@ static uint32_t agree(uint8_t *slot, uint32_t kind, int conn, size_t len) {
     }
 }
 
+static uint32_t agree(uint8_t *slot, uint32_t kind, int conn, size_t len) {
+    if (daemon_gone) return GAIA_RESULT_LOST;
+    submit(slot, kind, conn, len);
+    ring();
+    return verdict(slot);
+}
+
+/* An agreed input reaches the server: count it where the breakdown and the replayer look. */
+static void delivered(int conn, size_t n) {
+    count(GAIA_HDR_CALLS, 1);
+    count(GAIA_HDR_BYTES, (uint64_t)n);
+    __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
+}
+
 /* The input path for a leader's client connection: `fill` does the real read into the slot,
  * the bytes are agreed, then `deliver` copies them to the caller's buffers. */
 typedef ssize_t (*fill_fn)(int fd, void *dst, size_t cap, void *ctx);
@@ -259,9 +345,7 @@ static ssize_t agreed_input(int fd, int conn, size_t want, fill_fn fill, deliver
     uint32_t result = agree(slot, GAIA_KIND_DATA, conn, (size_t)n);
     if (result == GAIA_RESULT_OK) {
         deliver(slot + GAIA_SLOT_DATA, (size_t)n, ctx);
-        count(GAIA_HDR_CALLS, 1);
-        count(GAIA_HDR_BYTES, (uint64_t)n);
-        __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
+        delivered(conn, (size_t)n);
     }
     finish(slot);
     if (result != GAIA_RESULT_OK) {
@@ -272,12 +356,263 @@ static ssize_t agreed_input(int fd, int conn, size_t want, fill_fn fill, deliver
     return n;
 }
 
-/* Any input call: agreed on a leader's client connection, counted on a replay connection. */
-static ssize_t input(int fd, size_t want, fill_fn fill, deliver_fn deliver, void *ctx, int direct) {
+/* ------------------------------------------------------------------ input agreed ahead */
+
+static int holds_ahead(int fd) { return aheads[fd].len > aheads[fd].off || aheads[fd].end != 0; }
+
+#define NOTHING_AHEAD (-2)
+
+/* A read served from input agreed ahead: its bytes, then the end it met; NOTHING_AHEAD if the
+ * connection holds none. A peek leaves the bytes in place. */
+static ssize_t read_ahead(int fd, int conn, size_t want, deliver_fn deliver, void *ctx, int peek) {
+    struct ahead *a = &aheads[fd];
+    if (a->len > a->off) {
+        size_t n = a->len - a->off < want ? a->len - a->off : want;
+        deliver(a->buf + a->off, n, ctx);
+        if (!peek) {
+            a->off += (uint32_t)n;
+            if (a->off == a->len) a->off = a->len = 0;
+            delivered(conn, n);
+        }
+        return (ssize_t)n;
+    }
+    if (a->end == 0) return NOTHING_AHEAD;
+    if (a->end == AHEAD_EOF) return 0;
+    errno = a->end;
+    return -1;
+}
+
+static void list_ahead(int fd) {
+    if (!aheads[fd].listed) {
+        aheads[fd].listed = 1;
+        ahead_fds[n_ahead++] = fd;
+    }
+}
+
+/* Keep an agreed input for the connection's next reads (the caller checked there is room). */
+static void hold_ahead(int fd, const uint8_t *src, uint32_t n) {
+    struct ahead *a = &aheads[fd];
+    if (a->cap < n) {
+        uint8_t *grown = realloc(a->buf, n);
+        if (grown == NULL) { /* cannot keep what was agreed: the client is dropped, not fooled */
+            a->end = ECONNRESET;
+            list_ahead(fd);
+            return;
+        }
+        a->buf = grown;
+        a->cap = n;
+    }
+    memcpy(a->buf, src, n);
+    a->off = 0;
+    a->len = n;
+    list_ahead(fd);
+}
+
+static void end_ahead(int fd, int end) {
+    aheads[fd].end = end;
+    list_ahead(fd);
+}
+
+/* The descriptor is closed: what the server did not read of its agreed input is lost to it,
+ * while the backups replay it. Counted and said, because it can make them differ. */
+static void drop_ahead(int fd) {
+    struct ahead *a = &aheads[fd];
+    if (a->len > a->off) {
+        static int said;
+        count(GAIA_HDR_DISCARDED, a->len - a->off);
+        if (!__atomic_exchange_n(&said, 1, __ATOMIC_RELAXED))
+            say("the server closed a connection without reading input agreed for it");
+    }
+    a->len = a->off = 0;
+    a->end = 0; /* the thread's list forgets it at its next epoll_wait */
+}
+
+/* Events for this thread's descriptors of `epfd` that hold agreed input (the kernel no longer
+ * sees it), at most `max`; the list is pruned of those drained or closed meanwhile. */
+static int report_ahead(int epfd, struct epoll_event *ev, int max) {
+    int n = 0, kept = 0;
+    for (int i = 0; i < n_ahead; i++) {
+        int fd = ahead_fds[i];
+        if (!holds_ahead(fd)) {
+            aheads[fd].listed = 0;
+            continue;
+        }
+        ahead_fds[kept++] = fd;
+        struct watch *w = &watches[fd];
+        if (n < max && w->epfd1 == epfd + 1 && (w->events & EPOLLIN)) {
+            ev[n].events = EPOLLIN;
+            ev[n].data.u64 = w->data;
+            n++;
+        }
+    }
+    n_ahead = kept;
+    return n;
+}
+
+static int event_fd(int epfd, const struct epoll_event *e) {
+    int fd = e->data.fd;
+    if (fd < 0 || fd >= FD_LIMIT) return -1;
+    const struct watch *w = &watches[fd];
+    return w->epfd1 == epfd + 1 && w->data == e->data.u64 ? fd : -1;
+}
+
+/* The kernel's events after `n` reported ones: one that repeats a reported descriptor is
+ * folded into it. Returns how many of the kernel's remain, moved up behind the reported. */
+static int fold_repeats(int epfd, struct epoll_event *ev, int n, int r) {
+    int kept = 0;
+    for (int i = 0; i < r; i++) {
+        struct epoll_event e = ev[n + i];
+        int fd = event_fd(epfd, &e), folded = 0;
+        if (fd >= 0 && holds_ahead(fd))
+            for (int j = 0; j < n && !folded; j++)
+                if (ev[j].data.u64 == e.data.u64) {
+                    ev[j].events |= e.events;
+                    folded = 1;
+                }
+        if (!folded) ev[n + kept++] = e;
+    }
+    return kept;
+}
+
+/* The leader's batch: read every ready client connection that holds nothing ahead, agree all
+ * those inputs in one round, keep each for its connection's next read. */
+static void agree_ahead(int epfd, const struct epoll_event *ev, int r) {
+    uint8_t *slots[GAIA_SLOTS];
+    int fds[GAIA_SLOTS], k = 0;
+    for (int i = 0; i < r && k < GAIA_SLOTS && n_ahead + k < AHEAD_MAX; i++) {
+        if (!(ev[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) continue;
+        int fd = event_fd(epfd, &ev[i]);
+        if (fd < 0 || (watches[fd].events & EPOLLONESHOT) || holds_ahead(fd)) continue;
+        int conn = tracked(fd);
+        if (conn < 0 ||
+            __atomic_load_n(u32at(conn_at(conn), GAIA_CONN_STATE), __ATOMIC_ACQUIRE) != GAIA_CONN_CLIENT)
+            continue;
+        uint8_t *slot = try_claim_slot();
+        if (slot == NULL) break;
+        ssize_t n = real_recv(fd, slot + GAIA_SLOT_DATA, slot_capacity(asked[fd] ? asked[fd] : GAIA_DATA_CAP),
+                              MSG_DONTWAIT);
+        if (n <= 0) {
+            int e = errno;
+            release_slot(slot);
+            if (n == 0) end_ahead(fd, AHEAD_EOF);
+            else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR) end_ahead(fd, e);
+            continue;
+        }
+        submit(slot, GAIA_KIND_DATA, conn, (size_t)n);
+        slots[k] = slot;
+        fds[k++] = fd;
+    }
+    if (k == 0) return;
+    ring();
+    for (int j = 0; j < k; j++) {
+        uint32_t result = verdict(slots[j]);
+        if (result == GAIA_RESULT_OK) {
+            hold_ahead(fds[j], slots[j] + GAIA_SLOT_DATA, *u32at(slots[j], GAIA_SLOT_LEN));
+            count(GAIA_HDR_AHEAD, 1);
+        } else {
+            end_ahead(fds[j], ECONNRESET);
+            count(GAIA_HDR_LOST, 1);
+        }
+        finish(slots[j]);
+    }
+}
+
+static int waited(int epfd, struct epoll_event *ev, int max, int timeout, const sigset_t *mask, int masked) {
+    if (!active || max <= 0)
+        return masked ? real_epoll_pwait(epfd, ev, max, timeout, mask) : real_epoll_wait(epfd, ev, max, timeout);
+    int n = report_ahead(epfd, ev, max), r = 0;
+    if (n < max) {
+        int t = n ? 0 : timeout;
+        r = masked ? real_epoll_pwait(epfd, ev + n, max - n, t, mask) : real_epoll_wait(epfd, ev + n, max - n, t);
+        if (r < 0) {
+            if (n == 0) return r;
+            r = 0;
+        }
+        r = fold_repeats(epfd, ev, n, r);
+    }
+    if (role() == GAIA_ROLE_LEADER && !daemon_gone) agree_ahead(epfd, ev + n, r);
+    return n + r;
+}
+
+int epoll_wait(int epfd, struct epoll_event *ev, int max, int timeout) {
+    return waited(epfd, ev, max, timeout, NULL, 0);
+}
+
+int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout, const sigset_t *mask) {
+    return waited(epfd, ev, max, timeout, mask, 1);
+}
+
+int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event) {
+    int r = real_epoll_ctl(epfd, op, fd, event);
+    if (r == 0 && active && fd >= 0 && fd < FD_LIMIT) {
+        struct watch *w = &watches[fd];
+        if (op == EPOLL_CTL_DEL || event == NULL) {
+            w->epfd1 = 0;
+        } else {
+            w->events = event->events;
+            w->data = event->data.u64;
+            w->epfd1 = epfd + 1;
+        }
+    }
+    return r;
+}
+
+/* ------------------------------------------------------------------ a backup's turns */
+
+/* A read on an ordered replay connection, as much as its turn allows (never into the next
+ * one); EAGAIN, or a wait on a blocking socket, while another connection's turn comes first.
+ * The connection's end is read whenever it comes. */
+static ssize_t replay_input(int fd, int conn, size_t want, fill_fn fill, void *ctx) {
+    for (int waited = 0;; waited++) {
+        pthread_mutex_lock(&turn_lock);
+        uint32_t tail = __atomic_load_n(u32at(seg, GAIA_HDR_TURN_TAIL), __ATOMIC_ACQUIRE);
+        if (turn_head != tail && *u32at(turn_at(turn_head), GAIA_TURN_CONN) == (uint32_t)conn) {
+            if (turn_left == 0) turn_left = *u32at(turn_at(turn_head), GAIA_TURN_LEN);
+            ssize_t n = fill(fd, NULL, want < turn_left ? want : turn_left, ctx);
+            if (n > 0) {
+                __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
+                turn_left -= (uint32_t)n;
+                if (turn_left == 0) __atomic_store_n(u32at(seg, GAIA_HDR_TURN_HEAD), ++turn_head, __ATOMIC_RELEASE);
+            }
+            int saved = errno;
+            pthread_mutex_unlock(&turn_lock);
+            errno = saved;
+            return n;
+        }
+        pthread_mutex_unlock(&turn_lock);
+        char one;
+        ssize_t peeked = real_recv(fd, &one, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (peeked == 0 || (peeked < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            return fill(fd, NULL, want, ctx); /* the connection's end (the replayer closes it only
+                                                 once every turn was taken) or its error */
+        if (waited == 0 && peeked > 0) count(GAIA_HDR_OUT_OF_TURN, 1);
+        int flags = fcntl(fd, F_GETFL);
+        if (flags < 0 || (flags & O_NONBLOCK)) {
+            errno = EAGAIN;
+            return -1;
+        }
+        if (waited < SPINS) sched_yield();
+        else usleep(50);
+    }
+}
+
+/* ------------------------------------------------------------------ any input call */
+
+/* Agreed on a leader's client connection (from what was agreed ahead first), counted on a
+ * replay connection, untouched otherwise. */
+static ssize_t input(int fd, size_t want, fill_fn fill, deliver_fn deliver, void *ctx, int peek) {
     int conn = tracked(fd);
-    if (conn < 0 || direct) return fill(fd, NULL, want, ctx);
-    if (__atomic_load_n(u32at(conn_at(conn), GAIA_CONN_STATE), __ATOMIC_ACQUIRE) == GAIA_CONN_CLIENT)
+    if (conn < 0) return fill(fd, NULL, want, ctx);
+    if (__atomic_load_n(u32at(conn_at(conn), GAIA_CONN_STATE), __ATOMIC_ACQUIRE) == GAIA_CONN_CLIENT) {
+        if (!peek && want > 0) asked[fd] = want > GAIA_DATA_CAP ? GAIA_DATA_CAP : (uint32_t)want;
+        ssize_t n = read_ahead(fd, conn, want, deliver, ctx, peek);
+        if (n != NOTHING_AHEAD) return n;
+        if (peek) return fill(fd, NULL, want, ctx);
         return agreed_input(fd, conn, want, fill, deliver, ctx);
+    }
+    if (peek) return fill(fd, NULL, want, ctx);
+    if (__atomic_load_n(u32at(conn_at(conn), GAIA_CONN_ORDERED), __ATOMIC_ACQUIRE))
+        return replay_input(fd, conn, want, fill, ctx);
     ssize_t n = fill(fd, NULL, want, ctx);
     if (n > 0) __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
     return n;
@@ -381,6 +716,10 @@ int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
 }
 
 int close(int fd) {
+    if (active && fd >= 0 && fd < FD_LIMIT) {
+        watches[fd].epfd1 = 0;
+        drop_ahead(fd);
+    }
     int conn = tracked(fd);
     if (conn >= 0) {
         __atomic_store_n(&fdconn[fd], 0, __ATOMIC_RELEASE);
@@ -429,7 +768,7 @@ ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr
     return input(fd, len, fill_flat, deliver_flat, &f, flags & MSG_PEEK);
 }
 
-struct vec { const struct iovec *iov; int iovcnt; struct msghdr *msg; int flags; };
+struct vec { const struct iovec *iov; int iovcnt; struct msghdr *msg; int flags; int filled; };
 
 static size_t iov_total(const struct iovec *iov, int iovcnt) {
     size_t t = 0;
@@ -437,10 +776,37 @@ static size_t iov_total(const struct iovec *iov, int iovcnt) {
     return t;
 }
 
+/* The caller's buffers cut to `cap` bytes (a turn's end): at most IOV_CAP entries of `out`. */
+#define IOV_CAP 64
+static int cut_iov(const struct iovec *iov, int iovcnt, size_t cap, struct iovec *out) {
+    int n = 0;
+    for (int i = 0; i < iovcnt && cap > 0 && n < IOV_CAP; i++) {
+        out[n] = iov[i];
+        if (out[n].iov_len > cap) out[n].iov_len = cap;
+        cap -= out[n++].iov_len;
+    }
+    return n;
+}
+
 static ssize_t fill_vec(int fd, void *dst, size_t cap, void *ctx) {
     struct vec *v = ctx;
-    if (v->msg == NULL) return dst ? real_read(fd, dst, cap) : real_readv(fd, v->iov, v->iovcnt);
-    if (dst == NULL) return real_recvmsg(fd, v->msg, v->flags);
+    struct iovec cut[IOV_CAP];
+    int whole = cap >= iov_total(v->iov, v->iovcnt);
+    if (v->msg == NULL) {
+        if (dst) return real_read(fd, dst, cap);
+        return whole ? real_readv(fd, v->iov, v->iovcnt) : real_readv(fd, cut, cut_iov(v->iov, v->iovcnt, cap, cut));
+    }
+    if (dst == NULL && whole) return real_recvmsg(fd, v->msg, v->flags);
+    if (dst == NULL) {
+        struct msghdr m = *v->msg;
+        m.msg_iov = cut;
+        m.msg_iovlen = (size_t)cut_iov(v->iov, v->iovcnt, cap, cut);
+        ssize_t n = real_recvmsg(fd, &m, v->flags);
+        v->msg->msg_flags = m.msg_flags;
+        v->msg->msg_controllen = m.msg_controllen;
+        v->msg->msg_namelen = m.msg_namelen;
+        return n;
+    }
     struct iovec one = {dst, cap};
     struct msghdr m = *v->msg;
     m.msg_iov = &one;
@@ -449,11 +815,17 @@ static ssize_t fill_vec(int fd, void *dst, size_t cap, void *ctx) {
     v->msg->msg_flags = m.msg_flags;
     v->msg->msg_controllen = m.msg_controllen;
     v->msg->msg_namelen = m.msg_namelen;
+    v->filled = 1;
     return n;
 }
 
 static void deliver_vec(const uint8_t *src, size_t n, void *ctx) {
     struct vec *v = ctx;
+    if (v->msg != NULL && !v->filled) { /* input agreed ahead: no ancillary data, no address */
+        v->msg->msg_flags = 0;
+        v->msg->msg_controllen = 0;
+        v->msg->msg_namelen = 0;
+    }
     for (int i = 0; i < v->iovcnt && n > 0; i++) {
         size_t k = v->iov[i].iov_len < n ? v->iov[i].iov_len : n;
         memcpy(v->iov[i].iov_base, src, k);
@@ -463,12 +835,12 @@ static void deliver_vec(const uint8_t *src, size_t n, void *ctx) {
 }
 
 ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
-    struct vec v = {iov, iovcnt, NULL, 0};
+    struct vec v = {iov, iovcnt, NULL, 0, 0};
     return input(fd, iov_total(iov, iovcnt), fill_vec, deliver_vec, &v, 0);
 }
 
 ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
-    struct vec v = {msg->msg_iov, (int)msg->msg_iovlen, msg, flags};
+    struct vec v = {msg->msg_iov, (int)msg->msg_iovlen, msg, flags, 0};
     return input(fd, iov_total(msg->msg_iov, (int)msg->msg_iovlen), fill_vec, deliver_vec, &v,
                  flags & MSG_PEEK);
 }
