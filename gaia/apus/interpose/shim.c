@@ -517,6 +517,47 @@ static void agree_ahead(int epfd, const struct epoll_event *ev, int r) {
     }
 }
 
+/* A backup's events in the order of the turns ahead (anything not a replay connection first:
+ * the listening socket may bring the next turn's connection), so that the server's reads
+ * mostly come in their turn instead of failing and coming back. */
+#define ORDER_SCAN 1024 /* turns looked ahead */
+static void order_by_turns(int epfd, struct epoll_event *ev, int r) {
+    static __thread uint32_t gen, seen_gen[GAIA_CONNS], seen_at[GAIA_CONNS];
+    static __thread uint32_t key[ORDER_SCAN];
+    if (r < 2 || r > ORDER_SCAN) return;
+    pthread_mutex_lock(&turn_lock);
+    uint32_t head = turn_head;
+    pthread_mutex_unlock(&turn_lock);
+    uint32_t ahead = __atomic_load_n(u32at(seg, GAIA_HDR_TURN_TAIL), __ATOMIC_ACQUIRE) - head;
+    if (ahead > ORDER_SCAN) ahead = ORDER_SCAN;
+    gen++;
+    for (uint32_t k = 0; k < ahead; k++) {
+        uint32_t c = *u32at(turn_at(head + k), GAIA_TURN_CONN);
+        if (c < GAIA_CONNS && seen_gen[c] != gen) {
+            seen_gen[c] = gen;
+            seen_at[c] = k + 1;
+        }
+    }
+    for (int i = 0; i < r; i++) {
+        int fd = event_fd(epfd, &ev[i]), conn = fd >= 0 ? tracked(fd) : -1;
+        if (conn < 0 || !__atomic_load_n(u32at(conn_at(conn), GAIA_CONN_ORDERED), __ATOMIC_ACQUIRE))
+            key[i] = 0;
+        else
+            key[i] = seen_gen[conn] == gen ? seen_at[conn] : UINT32_MAX;
+    }
+    for (int i = 1; i < r; i++) { /* insertion sort, stable: r is small */
+        struct epoll_event e = ev[i];
+        uint32_t k = key[i];
+        int j = i - 1;
+        for (; j >= 0 && key[j] > k; j--) {
+            ev[j + 1] = ev[j];
+            key[j + 1] = key[j];
+        }
+        ev[j + 1] = e;
+        key[j + 1] = k;
+    }
+}
+
 static int waited(int epfd, struct epoll_event *ev, int max, int timeout, const sigset_t *mask, int masked) {
     if (!active || max <= 0)
         return masked ? real_epoll_pwait(epfd, ev, max, timeout, mask) : real_epoll_wait(epfd, ev, max, timeout);
@@ -531,6 +572,7 @@ static int waited(int epfd, struct epoll_event *ev, int max, int timeout, const 
         r = fold_repeats(epfd, ev, n, r);
     }
     if (role() == GAIA_ROLE_LEADER && !daemon_gone) agree_ahead(epfd, ev + n, r);
+    else order_by_turns(epfd, ev + n, r);
     return n + r;
 }
 
