@@ -100,6 +100,8 @@ static uint8_t *seg;          /* the mapped segment; NULL: inert */
 static int active;            /* attached, and this is the process that attached */
 static int daemon_gone;       /* set once the daemon's heartbeat stopped */
 static int32_t fdconn[FD_LIMIT]; /* fd -> connection entry + 1 (0: not ours) */
+static int32_t connfd[GAIA_CONNS]; /* replay connection entry -> fd + 1 (0: not accepted yet) */
+static __thread int my_epfd = -1;  /* the epoll instance this thread waits on (its event loop) */
 static uint32_t crc_table[256];
 
 /* What the server registered each descriptor with (the last epoll_ctl on it), so that an event
@@ -130,6 +132,7 @@ static uint32_t asked[FD_LIMIT]; /* the size of the server's last read on each d
 static pthread_mutex_t turn_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t turn_head; /* the turn being read */
 static uint32_t turn_left; /* its bytes not read yet; 0: not started */
+static int turn_waiters;   /* threads asleep until the head turn moves */
 static __thread int ahead_fds[AHEAD_MAX];
 static __thread int n_ahead;
 
@@ -561,6 +564,7 @@ static void order_by_turns(int epfd, struct epoll_event *ev, int r) {
 static int waited(int epfd, struct epoll_event *ev, int max, int timeout, const sigset_t *mask, int masked) {
     if (!active || max <= 0)
         return masked ? real_epoll_pwait(epfd, ev, max, timeout, mask) : real_epoll_wait(epfd, ev, max, timeout);
+    my_epfd = epfd;
     int n = report_ahead(epfd, ev, max), r = 0;
     if (n < max) {
         int t = n ? 0 : timeout;
@@ -601,20 +605,39 @@ int epoll_ctl(int epfd, int op, int fd, struct epoll_event *event) {
 
 /* ------------------------------------------------------------------ a backup's turns */
 
+/* Whether a thread other than this one will read the turn of replay entry `conn`: its
+ * connection is watched by another epoll instance (another worker's event loop). This thread
+ * may then wait a little for the turn to move; if its own event loop must read it, waiting
+ * would never end, so a wait is only ever one short sleep per read. */
+static int elsewhere(uint32_t conn) {
+    if (conn >= GAIA_CONNS || my_epfd < 0) return 0;
+    int fd1 = __atomic_load_n(&connfd[conn], __ATOMIC_ACQUIRE);
+    if (fd1 == 0) return 0; /* not accepted yet: by whom is not known here */
+    int epfd1 = watches[fd1 - 1].epfd1;
+    return epfd1 != 0 && epfd1 != my_epfd + 1;
+}
+
 /* A read on an ordered replay connection, as much as its turn allows (never into the next
  * one); EAGAIN, or a wait on a blocking socket, while another connection's turn comes first.
  * The connection's end is read whenever it comes. */
 static ssize_t replay_input(int fd, int conn, size_t want, fill_fn fill, void *ctx) {
+    int slept = 0;
     for (int waited = 0;; waited++) {
         pthread_mutex_lock(&turn_lock);
         uint32_t tail = __atomic_load_n(u32at(seg, GAIA_HDR_TURN_TAIL), __ATOMIC_ACQUIRE);
-        if (turn_head != tail && *u32at(turn_at(turn_head), GAIA_TURN_CONN) == (uint32_t)conn) {
+        uint32_t head_conn = turn_head != tail ? *u32at(turn_at(turn_head), GAIA_TURN_CONN) : UINT32_MAX;
+        uint32_t head = turn_head;
+        if (head_conn == (uint32_t)conn) {
             if (turn_left == 0) turn_left = *u32at(turn_at(turn_head), GAIA_TURN_LEN);
             ssize_t n = fill(fd, NULL, want < turn_left ? want : turn_left, ctx);
             if (n > 0) {
                 __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
                 turn_left -= (uint32_t)n;
-                if (turn_left == 0) __atomic_store_n(u32at(seg, GAIA_HDR_TURN_HEAD), ++turn_head, __ATOMIC_RELEASE);
+                if (turn_left == 0) {
+                    __atomic_store_n(u32at(seg, GAIA_HDR_TURN_HEAD), ++turn_head, __ATOMIC_RELEASE);
+                    if (__atomic_load_n(&turn_waiters, __ATOMIC_ACQUIRE))
+                        futex(u32at(seg, GAIA_HDR_TURN_HEAD), FUTEX_WAKE, INT32_MAX, NULL);
+                }
             }
             int saved = errno;
             pthread_mutex_unlock(&turn_lock);
@@ -628,6 +651,14 @@ static ssize_t replay_input(int fd, int conn, size_t want, fill_fn fill, void *c
             return fill(fd, NULL, want, ctx); /* the connection's end (the replayer closes it only
                                                  once every turn was taken) or its error */
         if (waited == 0 && peeked > 0) count(GAIA_HDR_OUT_OF_TURN, 1);
+        if (peeked > 0 && !slept && elsewhere(head_conn)) { /* another thread's turn: sleep */
+            slept = 1;
+            const struct timespec step = {0, 1000 * 1000};
+            __atomic_fetch_add(&turn_waiters, 1, __ATOMIC_ACQ_REL);
+            futex(u32at(seg, GAIA_HDR_TURN_HEAD), FUTEX_WAIT, head, &step);
+            __atomic_fetch_sub(&turn_waiters, 1, __ATOMIC_ACQ_REL);
+            continue;
+        }
         int flags = fcntl(fd, F_GETFL);
         if (flags < 0 || (flags & O_NONBLOCK)) {
             errno = EAGAIN;
@@ -731,6 +762,7 @@ static int admit(int fd) {
                                               : ntohs(((struct sockaddr_in6 *)&peer)->sin6_port);
     int replay = take_replay_entry(port);
     if (replay >= 0) {
+        __atomic_store_n(&connfd[replay], fd + 1, __ATOMIC_RELEASE);
         __atomic_store_n(&fdconn[fd], replay + 1, __ATOMIC_RELEASE);
         return fd;
     }
@@ -765,6 +797,7 @@ int close(int fd) {
     int conn = tracked(fd);
     if (conn >= 0) {
         __atomic_store_n(&fdconn[fd], 0, __ATOMIC_RELEASE);
+        if (conn >= GAIA_CONNS / 2) __atomic_store_n(&connfd[conn], 0, __ATOMIC_RELEASE);
         uint32_t *state = u32at(conn_at(conn), GAIA_CONN_STATE);
         if (__atomic_load_n(state, __ATOMIC_ACQUIRE) == GAIA_CONN_CLIENT) {
             if (role() == GAIA_ROLE_LEADER) { /* the backups close their replay connection too */
