@@ -53,7 +53,7 @@ def test_overhead_experiments_declare_what_the_issue_asks(name: str) -> None:
 
     quick = load(name, REPO.experiments, quick=True)
     assert quick.profile == "quick" and quick.trials >= 2
-    assert [m.connections for m in quick.client_modes] == [1, 8]
+    assert [m.connections for m in quick.client_modes] == [1, 8, 32]
     assert quick.replicas == (3,) and quick.client_rtt_us == (0, 301)
     assert len(expand(quick)) < len(expand(full))
 
