@@ -20,8 +20,9 @@ committed entry of a view this replica did not lead is replayed into its server.
 first replays everything before its NOOP and closes the replayed connections of the old
 leader's clients, and only then lets its server accept clients. Every `output_period` inputs
 on a connection the leader proposes an OUTPUT entry with its server's output so far; the
-backups answer with theirs and the core decides. Clients of an app cluster talk to the app;
-SUBMIT is refused.
+backups answer with theirs and the core decides. Backups found different are named in a
+VERDICT entry and restore their servers when they apply it; a leader found different steps
+down and restores its own. Clients of an app cluster talk to the app; SUBMIT is refused.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ from gaia.apus.core.types import (
     RoleChange,
     SendSnapshot,
     batch_size,
+    decode_verdict,
     encode_batch,
     encode_output,
+    encode_verdict,
 )
 from gaia.apus.interpose.host import AppHost, Unrepairable
 from gaia.apus.interpose.replay import output_digest
@@ -136,7 +139,7 @@ class ReplicaDaemon:
         self._inputs_on: Counter[int] = Counter()  # per connection entry, for output checks
         self.proposed_inputs: Counter[str] = Counter()  # the shim's inputs proposed, by kind
         self.output_verdicts: Counter[str] = Counter()
-        self._restore_wanted = threading.Event()  # the replayer saw this server's output diverge
+        self._restore_wanted = threading.Event()  # a verdict found this server's output differs
         self._restoring = False  # the server is being restarted: _apply must not feed it
         self.unrepairable = False  # diverged even when rebuilt from the whole log
         # the last entry _apply was given: the core's `applied` runs ahead of it until the
@@ -186,6 +189,10 @@ class ReplicaDaemon:
                             self.output_verdicts[a.verdict.name.lower()] += 1
                             level = logging.INFO if not a.divergent else logging.WARNING
                             log.log(level, "replica %d: output check %s", self.id, a)
+                            if self.id in a.divergent:
+                                self._step_down_diverged()
+                            elif a.divergent:
+                                self._propose_verdict(a.index, a.divergent)
                 if persists:
                     self.store.write(persists)
                     with self.lock:
@@ -200,6 +207,8 @@ class ReplicaDaemon:
         if entries:
             self._delivered = entries[-1].index
         for e in entries:
+            if e.kind == EntryKind.VERDICT and self.app is not None:
+                self._take_verdict(*decode_verdict(e.payload))
             if replayer is not None and e.view not in self._led_views:
                 replayer.put(e)
             p = self.pending.pop(e.index, None)
@@ -258,7 +267,7 @@ class ReplicaDaemon:
             log.warning("%s; carrying on: the core treats them as failed until they answer", e)
         server = self._serve_clients()
         if self.app is not None:
-            self.app.start(self._report_output, lambda _index: self._restore_wanted.set())
+            self.app.start(self._report_output)
             threading.Thread(target=self._intake, name="intake", daemon=True).start()
         tick = self.config.timing.tick_ms / 1000
         next_tick = time.monotonic() + tick
@@ -328,6 +337,32 @@ class ReplicaDaemon:
         replayer.close_all(self._serving_from)
         app.conn_ids.clear()
         app.serve(True)
+
+    def _take_verdict(self, index: int, divergent: tuple[int, ...]) -> None:
+        """A committed VERDICT (lock held): if it names this replica, its server is restored."""
+        if self.id in divergent and not self.unrepairable:
+            log.warning("replica %d: the check at %d found my server different", self.id, index)
+            self._restore_wanted.set()
+
+    def _propose_verdict(self, index: int, divergent: tuple[int, ...]) -> None:
+        """Tell the backups whose output differed from the majority's, through the log: each
+        restores its server when it applies the VERDICT entry naming it."""
+        with self.lock:
+            try:
+                self.core.propose(EntryKind.VERDICT, 0, encode_verdict(index, divergent))
+            except (NotLeader, Backpressure) as e:  # the next check will find it again
+                log.warning("replica %d: verdict on %d not proposed: %s", self.id, index, e)
+
+    def _step_down_diverged(self) -> None:
+        """This leader's server answered differently from a majority of backups: it stops
+        leading (its clients are dropped, another replica is elected) and restores its server
+        like a diverged backup's, from the log."""
+        if self.app is None or self.unrepairable:
+            return
+        log.warning("replica %d: my server's output differs: stepping down", self.id)
+        with self.lock:
+            self.core.step_down()
+        self._restore_wanted.set()
 
     def _restore(self, app: AppHost) -> None:
         """The guard's repair of a backup whose server diverged: restart the server from its

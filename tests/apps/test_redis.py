@@ -4,6 +4,7 @@ the same dataset (DEBUG DIGEST) and the same output (the output checker agrees).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -195,6 +196,34 @@ def test_a_diverged_backup_is_found_and_restored_from_its_checkpoint(
         what="the victim restored",
     )
     r.set("c:after", "restore")
+    wait_until(lambda: caught_up(cluster), what="everyone caught up")
+    assert len(set(digests(cluster).values())) == 1
+
+
+def test_a_leader_whose_output_differs_steps_down_and_is_restored(
+    app_cluster: MakeCluster,
+) -> None:
+    """Corrupt the leader's own Redis behind APUS' back: the backups' answers to the next
+    output check outvote it, so it stops leading, another replica is elected, and the old
+    leader rebuilds its server from the log; in the end every replica holds the same data."""
+    cluster = app_cluster("redis", output_period=4, timing={"election_ticks": 200})
+    r = leader_redis(cluster)
+    workload(r, "a", 20)
+    old = cluster.leader()
+    assert old is not None
+    wait_until(lambda: caught_up(cluster), what="backups replayed the log")
+    query_app(cluster.addresses[old], b"*3\r\n$3\r\nSET\r\n$5\r\nb:key\r\n$7\r\ncorrupt\r\n")
+    with contextlib.suppress(redis.ConnectionError):  # dropped once it steps down
+        for _ in range(8):  # its GET b:key answers differ, the next OUTPUT entry shows it
+            r.get("b:key")
+    wait_until(lambda: cluster.leader() not in (None, old), timeout=30, what="a new leader")
+    wait_until(
+        lambda: (cluster.statuses()[old] or {}).get("app", {}).get("restores", 0) >= 1,
+        what="the old leader restored",
+    )
+    new = leader_redis(cluster)
+    new.set("c:after", "restore")
+    assert new.get("b:key") is None  # the corrupt write never was in the log
     wait_until(lambda: caught_up(cluster), what="everyone caught up")
     assert len(set(digests(cluster).values())) == 1
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gaia.apus.core.layout import Ack, Header, Layout, SlotEntry, Vote
+from gaia.apus.core.layout import OUTPUT_REPORTS, Ack, Header, Layout, SlotEntry, Vote
 from gaia.apus.core.output_check import decide
 from gaia.apus.core.types import (
     CoreConfig,
@@ -113,16 +113,26 @@ def test_header_round_trips(h: Header) -> None:
     assert Layout.read_header(mem) == (h if any(h) or h.leader is not None else None)
 
 
-@given(st.builds(Ack, u64, u64, u64, u64, u64, u64, u64), st.integers(0, 15))
-def test_ack_and_vote_round_trip(a: Ack, who: int) -> None:
+reports = st.lists(st.tuples(st.integers(1, 2**64 - 1), u64), max_size=OUTPUT_REPORTS).map(tuple)
+
+
+@given(st.builds(Ack, u64, u64, u64, u64, u64, reports), u64, st.integers(0, 15))
+def test_ack_and_vote_round_trip(a: Ack, attempt: int, who: int) -> None:
     mem = fresh()
     off, raw = LAYOUT.ack_offset(who), Layout.encode_ack(a)
+    assert len(raw) <= LAYOUT.vote_base - LAYOUT.ack_base  # inside the ack area
     mem[off : off + len(raw)] = raw
     assert LAYOUT.read_ack(mem, who) == (a if any(a) else None)
-    v = Vote(*a[:6])
+    v = Vote(*a[:5], attempt)
     off, raw = LAYOUT.vote_offset(who), Layout.encode_vote(v)
     mem[off : off + len(raw)] = raw
     assert LAYOUT.read_vote(mem, who) == (v if any(v) else None)
+
+
+def test_an_ack_holds_only_so_many_output_reports() -> None:
+    too_many = tuple((i, i) for i in range(1, OUTPUT_REPORTS + 2))
+    with pytest.raises(ValueError, match="output reports"):
+        Layout.encode_ack(Ack(1, 0, 0, 0, 0, too_many))
 
 
 @given(st.dictionaries(st.integers(0, 8), st.integers(0, 3), min_size=1))

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from gaia.apus.core.layout import Layout
+from gaia.apus.core.layout import ACK_RECORD, Layout
 from gaia.apus.core.types import (
     Apply,
     Backpressure,
@@ -101,6 +101,29 @@ def test_view_change_elects_a_leader_with_every_committed_entry() -> None:
     assert g[1].commit == after
     data = [e.payload for e in g.members[2].applied if e.kind == EntryKind.DATA]
     assert data[-2:] == [b"committed", b"after failover"]
+
+
+def test_a_leader_that_steps_down_is_succeeded_by_another() -> None:
+    """The app's checker found the leader's own state different: it stops leading, and it is
+    one of the others that wins the next view, with every committed entry."""
+    g = Group(3)
+    g.elect(0)
+    g.settle()
+    committed = g[0].propose(EntryKind.DATA, 1, b"before")
+    g.settle()
+    g[0].step_down()
+    assert (g[0].role, g[0].leader) == ("follower", None)
+    with pytest.raises(NotLeader):
+        g[0].propose(EntryKind.DATA, 1, b"refused")
+    for _ in range(300):
+        g.settle(rounds=1)
+        if any(g[i].role == "leader" for i in range(3)):
+            break
+    (leader,) = [i for i in range(3) if g[i].role == "leader"]
+    assert leader != 0 and g[leader].view == 2
+    assert g[leader].entry(committed).payload == b"before"
+    g.settle()
+    assert g[0].leader == leader  # the old leader follows the new one
 
 
 def test_divergent_uncommitted_suffix_is_replaced_and_stale_writes_are_ignored() -> None:
@@ -232,7 +255,7 @@ def test_region_layout_keeps_records_apart() -> None:
     g = Group(5)
     lay: Layout = g[0].layout
     spans = [(0, 64)]
-    spans += [(lay.ack_offset(i), 64) for i in range(5)]
+    spans += [(lay.ack_offset(i), ACK_RECORD) for i in range(5)]
     spans += [(lay.vote_offset(i), 64) for i in range(5)]
     spans += [(lay.slot_offset(i), lay.slot_size) for i in range(lay.slots)]
     spans.sort()

@@ -24,13 +24,15 @@ from typing import NamedTuple
 
 from gaia.apus.core.types import CoreConfig, Entry, EntryKind
 
-RECORD = 64  # header, ack and vote records each take one cache line
+RECORD = 64  # header and vote records each take one cache line
+ACK_RECORD = 2 * RECORD  # an ack carries the backup's last few output reports too
+OUTPUT_REPORTS = 5  # (index, digest) pairs per ack: reports made between two reads survive
 _SEAL_MAGIC = 0xA9D5_0C3E
 
 # header: view, leader+1 (0: none), commit, heartbeat, base, rewind_seq | crc32, pad
 _HEADER = struct.Struct("<QQQQQQII")
-# ack: view, match, hint, reject_seq, echo, out_index, out_digest | crc32, pad
-_ACK = struct.Struct("<QQQQQQQII")
+# ack: view, match, hint, reject_seq, echo, OUTPUT_REPORTS x (out_index, out_digest) | crc32, pad
+_ACK = struct.Struct("<QQQQQ" + "QQ" * OUTPUT_REPORTS + "II")
 # vote: view, kind, candidate, last_index, last_view, attempt | crc32, seal
 _VOTE = struct.Struct("<QQQQQQII")
 # entry: index, view, prev_view, writer_view, commit, conn, kind, length; payload; crc32, seal
@@ -60,8 +62,10 @@ class Ack(NamedTuple):
     hint: int
     reject_seq: int
     echo: int
-    out_index: int
-    out_digest: int
+    # the newest output reports, (OUTPUT entry index, digest), newest last; a backup reports
+    # one per OUTPUT entry it applies, and a single slot would lose the older of two reports
+    # made before the leader looked
+    reports: tuple[tuple[int, int], ...] = ()
 
 
 class Vote(NamedTuple):
@@ -107,7 +111,7 @@ class Layout:
         self.slot_size = cfg.slot_size
         self.max_members = cfg.max_members
         self.ack_base = RECORD
-        self.vote_base = self.ack_base + RECORD * cfg.max_members
+        self.vote_base = self.ack_base + ACK_RECORD * cfg.max_members
         self.log_base = self.vote_base + RECORD * cfg.max_members
         self.size = self.log_base + cfg.slots * cfg.slot_size
         self.max_payload = cfg.slot_size - _ENTRY.size - _TRAILER.size
@@ -123,7 +127,7 @@ class Layout:
 
     # -- offsets --
     def ack_offset(self, replica: int) -> int:
-        return self.ack_base + RECORD * replica
+        return self.ack_base + ACK_RECORD * replica
 
     def vote_offset(self, replica: int) -> int:
         return self.vote_base + RECORD * replica
@@ -147,11 +151,19 @@ class Layout:
     # -- acks --
     @staticmethod
     def encode_ack(a: Ack) -> bytes:
-        return _sealed(_ACK, *a)
+        if len(a.reports) > OUTPUT_REPORTS:
+            raise ValueError(f"{len(a.reports)} output reports > {OUTPUT_REPORTS} per ack")
+        pairs = [n for report in a.reports for n in report]
+        pairs += [0] * (2 * OUTPUT_REPORTS - len(pairs))
+        return _sealed(_ACK, *a[:5], *pairs)
 
     def read_ack(self, mem: memoryview, replica: int) -> Ack | None:
         v = _open(_ACK, mem, self.ack_offset(replica))
-        return None if v is None else Ack(*v)
+        if v is None:
+            return None
+        view, match, hint, reject_seq, echo, *pairs = v
+        reports = tuple((pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2) if pairs[i])
+        return Ack(view, match, hint, reject_seq, echo, reports)
 
     # -- votes --
     @staticmethod

@@ -35,6 +35,7 @@ import random
 from collections import deque
 
 from gaia.apus.core.layout import (
+    OUTPUT_REPORTS,
     PREVOTE_GRANT,
     PREVOTE_REQUEST,
     VOTE_GRANT,
@@ -130,7 +131,7 @@ class Replica:
         self._last_reject: tuple[int, int] | None = None
         self._echo = 0
         self._ack_written: Ack | None = None
-        self._out_report = (0, 0)
+        self._out_reports: deque[tuple[int, int]] = deque(maxlen=OUTPUT_REPORTS)
         self._grant_after: tuple[int, int, int] | None = None  # (seq, candidate, view)
         self._election_elapsed = 0
         self._election_timeout = self._random_timeout()
@@ -219,6 +220,17 @@ class Replica:
             self._check_config_change(decode_members(payload))
         return self._append_as_leader(kind, conn, payload)
 
+    def step_down(self) -> None:
+        """Stop leading (the app's output checker found this leader's own state differs from
+        a majority's): follow no one in this view, and stand for election only after a longer
+        timeout than the others', so that one of them leads next. Safe at any time: a leader
+        may stop whenever it likes, and what it replicated is committed or not as usual."""
+        if self.role != LEADER:
+            return
+        self._become_follower(self.view, None)
+        self._election_elapsed = 0
+        self._election_timeout = self._random_timeout() + self.cfg.election_ticks
+
     def room(self) -> int:
         """How many entries `propose` takes now before it raises Backpressure."""
         return self.cfg.slots - (self.last_index - self.commit)
@@ -288,7 +300,7 @@ class Replica:
         it); the hash goes back to the leader with the next ack."""
         if self.role == LEADER:
             return
-        self._out_report = (index, digest)
+        self._out_reports.append((index, digest))
         self._send_ack()
 
     # ------------------------------------------------------------------ persistence
@@ -613,8 +625,9 @@ class Replica:
                 self._reject_seen[peer] = ack.reject_seq
                 if peer not in self._snapshot_sent:  # else it is waiting for the snapshot
                     self._rewind(peer, max(ack.hint, self.match[peer] + 1))
-            if ack.out_index in self._outputs:
-                self._outputs[ack.out_index].responses[peer] = ack.out_digest
+            for index, digest in ack.reports:
+                if index in self._outputs:
+                    self._outputs[index].responses[peer] = digest
             self._replicate(peer)
         self._advance_commit()
         self._decide_outputs()
@@ -690,7 +703,7 @@ class Replica:
         slot, so it steps down and an election can include us (else a replica whose view ran
         ahead during a partition would stay outside forever: pre-votes never raise views)."""
         if self._hard_state_seq <= self._done_seq:
-            ack = Ack(self.view, 0, 0, 0, 0, 0, 0)
+            ack = Ack(self.view, 0, 0, 0, 0)
             self._write(leader, self.layout.ack_offset(self.id), Layout.encode_ack(ack))
 
     def _read_log(self, force_ack: bool = False) -> None:
@@ -750,7 +763,7 @@ class Replica:
             self._hint,
             self._reject_seq,
             self._echo,
-            *self._out_report,
+            tuple(self._out_reports),
         )
         if force or ack != self._ack_written:
             self._ack_written = ack

@@ -22,6 +22,7 @@ class EntryKind(IntEnum):
     OUTPUT = 4  # the leader's hash of a connection's output, for the output checker
     CONFIG = 5  # a new member list (one change at a time)
     BATCH = 6  # several DATA inputs, on distinct connections, that became ready together
+    VERDICT = 7  # the leader's verdict on an output check: the backups that differ restore
 
 
 class Entry(NamedTuple):
@@ -218,6 +219,19 @@ def decode_batch(payload: bytes) -> list[tuple[int, bytes]]:
         inputs.append((conn, payload[off : off + n]))
         off += n
     return inputs
+
+
+_VERDICT = struct.Struct("<Q")
+
+
+def encode_verdict(index: int, divergent: tuple[int, ...]) -> bytes:
+    """VERDICT payload: the OUTPUT entry's index and the replicas whose output differed."""
+    return _VERDICT.pack(index) + bytes(divergent)
+
+
+def decode_verdict(payload: bytes) -> tuple[int, tuple[int, ...]]:
+    (index,) = _VERDICT.unpack_from(payload)
+    return index, tuple(payload[_VERDICT.size :])
 
 
 def encode_members(members: tuple[int, ...]) -> bytes:

@@ -67,12 +67,11 @@ class AppHost:
     def start(
         self,
         report_output: Callable[[int, int], None],
-        on_divergence: Callable[[int], None],
         upto: int | None = None,
     ) -> int:
         """Start the server from the newest checkpoint (at or before `upto`; shim preloaded,
         role NONE: it refuses clients until told); return the log index the server holds."""
-        self._report_output, self._on_divergence = report_output, on_divergence
+        self._report_output = report_output
         checkpoint = self.guard.latest(upto)
         self.guard.stage(checkpoint)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +91,6 @@ class AppHost:
             self.segment,
             self.address,
             report_output,
-            on_divergence,
             guard=self.guard,
             checkpoint_every=self.checkpoint_every,
             start=checkpoint,
@@ -124,7 +122,7 @@ class AppHost:
             start = 0
         self.restores += 1
         self._restored_from = start
-        return self.start(self._report_output, self._on_divergence, upto=self._last_agreed)
+        return self.start(self._report_output, upto=self._last_agreed)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

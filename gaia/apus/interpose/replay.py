@@ -15,8 +15,11 @@ every turn announced; a server that does not within ORDER_WAIT_S is counted and 
 
 OUTPUT entries carry the leader's output (byte count, crc32) on a connection up to that point in
 the log; the replayer waits until its server has written as much on its connection and reports
-its own digest, which the core sends back to the leader with its next ack. A digest that is not
-the leader's is a divergence: `on_divergence` hears of it (the daemon restores the server).
+its own digest, which the core sends back to the leader with its next ack (waiting only as long
+as the server still writes: a server that wrote less than the leader and went quiet answers at
+once). A digest that is not the leader's is logged and counted; whether this replica or the
+leader is the one that differs is the leader's verdict on all the answers (a VERDICT entry
+names the backups to restore; a leader that differs steps down).
 
 Every `checkpoint_every` entries it asks the guard for a checkpoint (taken only where the server
 is quiet: see guard.py), and a replayer started from a checkpoint reopens the connections that
@@ -42,6 +45,7 @@ log = logging.getLogger("gaia.apus.replay")
 
 ORDER_WAIT_S = 1.0
 OUTPUT_WAIT_S = 1.0
+OUTPUT_QUIET_S = 0.02
 
 
 def output_digest(out: ConnOutput) -> int:
@@ -77,7 +81,6 @@ class Replayer:
     segment: AppSegment
     server: tuple[str, int]
     report_output: Callable[[int, int], None]
-    on_divergence: Callable[[int], None]
     guard: Guard | None = None
     checkpoint_every: int = 0
     start: Checkpoint | None = None  # the snapshot the server started from
@@ -253,7 +256,7 @@ class Replayer:
     def _check_output(self, e: Entry, c: _Replayed) -> None:
         upto, leaders = decode_output(e.payload)
         self._read_by_server()
-        self._until(lambda: self.segment.output(c.entry).nbytes >= upto, OUTPUT_WAIT_S)
+        self._until(self._output_settled(c, upto), OUTPUT_WAIT_S)
         if self._stopping.is_set():  # cut short: no verdict
             return
         self.stats.output_checks += 1
@@ -268,7 +271,21 @@ class Replayer:
                 "output check at %d: %d bytes, crc %08x here; the leader had %d, %08x",
                 e.index, mine >> 32, mine & 0xFFFFFFFF, leaders >> 32, leaders & 0xFFFFFFFF,
             )  # fmt: skip
-            self.on_divergence(e.index)
+
+    def _output_settled(self, c: _Replayed, upto: int) -> Callable[[], bool]:
+        """True once the server wrote `upto` bytes on `c`, or stopped writing short of it for
+        OUTPUT_QUIET_S (its answer differs; waiting longer only makes it late)."""
+        last = [self.segment.output(c.entry).nbytes, time.monotonic()]
+
+        def settled() -> bool:
+            n = self.segment.output(c.entry).nbytes
+            if n >= upto:
+                return True
+            if n != last[0]:
+                last[:] = [n, time.monotonic()]
+            return time.monotonic() - last[1] > OUTPUT_QUIET_S
+
+        return settled
 
     def _until(self, done: Callable[[], bool], timeout: float) -> bool:
         """Wait for `done`, draining replies meanwhile: spin briefly, then sleep in short steps."""
