@@ -663,14 +663,14 @@ def _relay(
         lines += [
             f"### Client network: +{rtt} µs round trip through the relay",
             "",
-            f"netem is not available on this kernel: a user-space relay (gaia.apps.relay) holds "
-            f"every chunk {rtt / 2:g} µs each way. Below, the mean delay chunks actually got "
-            "inside the relay, both ways added (µs, median over trials). Well above the "
-            "configured value the relay (one Python thread) was late: saturated by the load "
-            "(the baseline at many connections: its numbers there are the relay's ceiling, not "
-            "the server's, and the overhead is understated) or short of CPU next to the "
-            "replica daemons on a small machine (the replicated curve then got more delay than "
-            "asked for, and its overhead is overstated by about that much).",
+            f"netem is not available on this kernel: a user-space relay (gaia.apps.relay, one "
+            f"epoll loop in C) holds every chunk {rtt / 2:g} µs each way. Below, the mean delay "
+            "chunks actually got inside the relay, both ways added (µs, median over trials). "
+            "Above the configured value the relay was late: its timers set early by their "
+            "typical lateness put the median chunk on time, but wake-ups on a busy 2-core "
+            "machine have a long tail (more of it next to the replica daemons: the replicated "
+            "curve then got more delay than asked for, and its overhead is overstated by about "
+            "that much).",
             "",
             _markdown_table(("curve", *_modes_header(experiment)), table),
             "",

@@ -4,60 +4,65 @@
 
 The APUS and TRIPOD evaluations ran their load generators on a machine 301 µs (ping) away from
 the servers; this kernel has no netem, so the experiments put this relay between the load tool
-and the server (the unreplicated baseline and the replicated leader alike). Every accepted
-client connection gets its own connection to the target, and each direction is one delay
-line: a chunk read from one side is held until `arrival + one_way_delay` and then written to
-the other side. The line is a queue of (due time, bytes) drained in arrival order, so bytes are
-never reordered and the delay does not grow with load; chunks that fall due together go out in
-one write.
+and the server (the unreplicated baseline and the replicated leader alike). The relay itself is
+a small C program (relay.c, compiled on first use like the shim: gaia.native), one epoll loop
+in a process of its own, so that it neither shares an interpreter with the harness nor becomes
+the bottleneck at many connections (the Python relay it replaces added ~70 µs per round trip
+and saturated at 12-25k requests/s). Every accepted client connection gets its own connection
+to the target, and each direction is one delay line: a chunk read from one side is held until
+`arrival + one_way_delay` and then written to the other side, in arrival order, so bytes are
+never reordered and the delay does not grow with load.
 
 - Half-closes travel like data: an EOF from one side reaches the other side after the same
   delay (after every byte before it), and a connection ends once both directions have.
-- Buffers are bounded: a side is not read while its delay line plus the other side's unsent
-  write buffer hold more than `max_buffer` bytes, so TCP flow control pushes back on a sender
-  that outruns its receiver.
-- Timers are precise to microseconds: asyncio's default epoll selector rounds every wait up to
-  a whole millisecond, which would turn a 150 µs delay into 1 ms, so the loop runs on
-  `select()` (microsecond timeouts; the relay serves a handful of connections), asks the
-  kernel for 1 µs timer slack on its thread, and sets its timers early by the loop's usual
-  (median) lateness, so that chunks typically get the delay asked for.
-- A network does not wait for CPU behind the servers it connects: where allowed (root), the
-  relay's thread runs at nice -10, so that busy replica daemons on a small machine do not
-  delay the replicated system's packets more than the baseline's.
-- `stop()` closes the listening socket and every relayed connection, cancels the pending
-  deliveries and joins the loop's thread; the relay is also a context manager.
+- Buffers are bounded: a side is not read while its delay line holds more than `max_buffer`
+  bytes, so TCP flow control pushes back on a sender that outruns its receiver.
+- Timers are a timerfd with 1 µs of slack, set early by the loop's typical (median) lateness,
+  so that chunks typically get the delay asked for; where allowed (root) the relay runs at
+  nice -10, so that busy replica daemons on a small machine do not delay the replicated
+  system's packets more than the baseline's.
+- `stop()` ends the process (every relayed connection with it); the relay is also a context
+  manager.
 
-`stats()` reports connections, bytes each way and the delay chunks actually got (the mean is
-what the load tool saw added, minus the relay's own processing before a chunk is stamped).
+`stats()` reads the counters the process keeps in a shared file, live: connections, bytes each
+way and the delay chunks actually got (the mean is what the load tool saw added, minus the
+relay's own processing before a chunk is stamped).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import ctypes
+import mmap
 import os
-import selectors
-import threading
+import struct
+import subprocess
+import tempfile
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-DEFAULT_MAX_BUFFER = 1 << 20
-"""Bytes a direction may hold (delay line + the receiving side's write buffer) before the
-relay stops reading its sender."""
+from gaia.native import WARNINGS, build, cache_dir
 
-_PR_SET_TIMERSLACK = 29
-_TIMER_SLACK_NS = 1_000
-_NICE = -10
+DEFAULT_MAX_BUFFER = 1 << 20
+"""Bytes a direction's delay line may hold before the relay stops reading its sender."""
+
+SOURCE = Path(__file__).resolve().parent / "relay.c"
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+# relay.c's struct shared: connections, failed_connects, then per direction (to the server,
+# to the client) chunks, bytes, delay_sum_ns, delay_max_ns, paused
+_SHARED = struct.Struct("<12Q")
 
 
 class RelayError(RuntimeError):
-    """The relay could not start (the listening address is taken, the loop failed)."""
+    """The relay could not start (the listening address is taken, the program failed)."""
+
+
+def relay_binary(cache: Path | None = None) -> Path:
+    """The built relay program, compiling it first if this version is not built yet."""
+    return build("gaia-relay", (SOURCE,), WARNINGS, cache=cache or cache_dir("relay"))
 
 
 @dataclass
@@ -111,198 +116,6 @@ class RelayStats:
         }
 
 
-class _Waking:
-    """How late the loop wakes up for a timer (select() return, scheduling on a busy machine),
-    tracked as a running median (a step towards each observation, so that one stall of
-    milliseconds does not throw it off): timers are set that much early, so the delay chunks
-    get is the one asked for in the typical case rather than always more. Never more than half
-    the delay itself."""
-
-    STEP_S = 2e-6
-
-    def __init__(self, delay_s: float) -> None:
-        self.delay_s = delay_s
-        self.late_s = 0.0
-
-    @property
-    def lead_s(self) -> float:
-        return min(self.late_s, self.delay_s / 2)
-
-    def observe(self, late_s: float) -> None:
-        if late_s > self.late_s:
-            self.late_s += self.STEP_S
-        elif self.late_s >= self.STEP_S:
-            self.late_s -= self.STEP_S
-
-
-class _Line:
-    """One direction of one relayed connection: the delay line from `source` to `sink`."""
-
-    def __init__(self, pair: _Pair, stats: DirectionStats) -> None:
-        self.pair = pair
-        self.stats = stats
-        self.queue: deque[tuple[float, bytes | None]] = deque()  # (due, data; None: EOF)
-        self.queued = 0
-        self.source: asyncio.Transport | None = None
-        self.sink: asyncio.Transport | None = None
-        self.open = False  # the sink is connected (the target side only once connected)
-        self.sink_full = False  # the sink's transport asked us to stop writing
-        self.reading = True
-        self.timer: asyncio.TimerHandle | None = None
-        self.wake_at = 0.0
-        self.ended = False  # EOF delivered to the sink, or the sink is gone
-
-    def push(self, data: bytes | None) -> None:
-        if self.ended:
-            return
-        self.queue.append((self.pair.loop.time() + self.pair.delay_s, data))
-        self.queued += len(data) if data else 0
-        self.kick()
-        self.flow()
-
-    def kick(self) -> None:
-        """Wake up when the first chunk falls due (if the sink can take it), early by the
-        loop's usual lateness so that chunks go out on time on average."""
-        if self.timer is None and self.open and self.queue:
-            self.wake_at = self.queue[0][0] - self.pair.waking.lead_s
-            self.timer = self.pair.loop.call_at(self.wake_at, self.deliver)
-
-    def deliver(self) -> None:
-        """Write every chunk that is due, in order, in one write; then wait for the next."""
-        self.timer = None
-        now = self.pair.loop.time()
-        waking = self.pair.waking
-        waking.observe(now - self.wake_at)
-        chunks: list[bytes] = []
-        eof = False
-        while self.queue and self.queue[0][0] <= now + waking.lead_s:
-            due, data = self.queue.popleft()
-            if data is None:
-                eof = True
-                break
-            delay = now - due + self.pair.delay_s
-            self.queued -= len(data)
-            self.stats.chunks += 1
-            self.stats.bytes += len(data)
-            self.stats.delay_sum_s += delay
-            self.stats.delay_max_s = max(self.stats.delay_max_s, delay)
-            chunks.append(data)
-        sink = self.sink
-        if sink is not None and not sink.is_closing():
-            if chunks:
-                sink.write(b"".join(chunks))
-            if eof:
-                if sink.can_write_eof():
-                    sink.write_eof()
-                else:
-                    sink.close()
-        if eof:
-            self.end()
-            return
-        self.kick()
-        self.flow()
-
-    def end(self) -> None:
-        """Nothing more goes this way (EOF delivered, or the sink is gone)."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.queue.clear()
-        self.queued = 0
-        self.ended = True
-        self.pair.maybe_close()
-
-    def flow(self) -> None:
-        """Read the source only while this direction has room: its delay line holds at most
-        about `max_buffer` bytes, and nothing is read while the sink's transport is full."""
-        source = self.source
-        if source is None or source.is_closing():
-            return
-        full = self.sink_full or self.queued > self.pair.max_buffer
-        if self.reading and full:
-            source.pause_reading()
-            self.reading = False
-            self.stats.paused += 1
-        elif not self.reading and not self.sink_full and self.queued <= self.pair.max_buffer // 2:
-            source.resume_reading()
-            self.reading = True
-
-
-class _Side(asyncio.Protocol):
-    """One socket of a relayed connection (the client's or the target's)."""
-
-    def __init__(self, pair: _Pair, outgoing: _Line, incoming: _Line) -> None:
-        self.pair = pair
-        self.outgoing = outgoing  # what this side sends travels on this line
-        self.incoming = incoming  # and what it receives arrives on this one
-        self.transport: asyncio.Transport | None = None
-        self.eof = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.outgoing.source = transport
-        self.incoming.sink = transport
-        self.incoming.open = True
-        self.incoming.kick()
-
-    def data_received(self, data: bytes) -> None:
-        self.outgoing.push(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self.outgoing.push(None)
-        return True  # keep the socket open: the other direction may still carry data
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.eof:  # reset or closed under us: the peer gets an EOF after the delay
-            self.eof = True
-            self.outgoing.push(None)
-        self.outgoing.source = None
-        self.incoming.sink = None
-        self.incoming.end()  # nothing more can be delivered to this side
-
-    def pause_writing(self) -> None:
-        self.incoming.sink_full = True
-        self.incoming.flow()
-
-    def resume_writing(self) -> None:
-        self.incoming.sink_full = False
-        self.incoming.flow()
-
-
-class _Pair:
-    """A client connection and its connection to the target, with a line each way."""
-
-    def __init__(self, relay: DelayRelay, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.delay_s = relay.one_way_delay_s
-        self.max_buffer = relay.max_buffer
-        self.waking = relay.waking
-        self.to_server = _Line(self, relay.stats_now.to_server)
-        self.to_client = _Line(self, relay.stats_now.to_client)
-        self.client = _Side(self, outgoing=self.to_server, incoming=self.to_client)
-        self.server = _Side(self, outgoing=self.to_client, incoming=self.to_server)
-        self.on_close: Callable[[_Pair], None] = lambda pair: None
-        self.closed = False
-
-    def maybe_close(self) -> None:
-        """A connection ends once both of its directions have."""
-        if not self.closed and self.to_server.ended and self.to_client.ended:
-            self.close()
-
-    def close(self) -> None:
-        self.closed = True
-        for line in (self.to_server, self.to_client):
-            if line.timer is not None:
-                line.timer.cancel()
-                line.timer = None
-        for side in (self.client, self.server):
-            if side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
-        self.on_close(self)
-
-
 class DelayRelay:
     """Relay TCP connections from a local port to `target`, `one_way_delay_s` each way."""
 
@@ -322,12 +135,10 @@ class DelayRelay:
         self.one_way_delay_s = one_way_delay_s
         self.listen = listen
         self.max_buffer = max_buffer
-        self.stats_now = RelayStats(one_way_delay_s * 1e6)
-        self.waking = _Waking(one_way_delay_s)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._pairs: set[_Pair] = set()
+        self._proc: subprocess.Popen[str] | None = None
+        self._stats_file: Path | None = None
+        self._stats_map: mmap.mmap | None = None
+        self._final: RelayStats | None = None
         self._address: tuple[str, int] | None = None
 
     @classmethod
@@ -351,39 +162,81 @@ class DelayRelay:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> tuple[str, int]:
-        if self._thread is not None:
+        if self._proc is not None:
             raise RelayError("the relay was already started")
-        started: list[BaseException | tuple[str, int]] = []
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(started, ready), name="delay-relay", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
-        outcome = started[0]
-        if isinstance(outcome, BaseException):
-            self._thread.join()
-            self._thread = None
-            raise RelayError(f"the relay could not listen on {self.listen}: {outcome}")
-        self._address = outcome
-        return outcome
+        fd, name = tempfile.mkstemp(prefix="gaia-relay-", suffix=".stats", dir="/dev/shm")
+        os.ftruncate(fd, _SHARED.size)
+        self._stats_map = mmap.mmap(fd, _SHARED.size)
+        os.close(fd)
+        self._stats_file = Path(name)
+        argv = [
+            str(relay_binary()),
+            *map(str, self.listen),
+            *map(str, self.target),
+            str(round(self.one_way_delay_s * 1e9)),
+            str(self.max_buffer),
+            name,
+        ]
+        self._proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline().split()
+        if len(line) != 2:
+            self._proc.wait(timeout=START_TIMEOUT_S)
+            err = self._proc.stderr.read().strip() if self._proc.stderr else ""
+            self._release()
+            self._proc = None
+            raise RelayError(f"the relay could not listen on {self.listen}: {err}")
+        self._address = (line[0], int(line[1]))
+        return self._address
 
     def stop(self) -> None:
-        """Close the listening socket and every connection, join the thread; idempotent."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        """End the relay and every connection through it; idempotent."""
+        proc = self._proc
+        if proc is None:
             return
-        with contextlib.suppress(RuntimeError, TimeoutError):  # the loop already ended
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=10)
-        thread.join(timeout=10)
-        self._thread = None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        self._final = self.stats()
+        self._release()
+        self._proc = None
         self._address = None
 
     def stats(self) -> RelayStats:
-        return self.stats_now
+        """The relay's counters now (after `stop`, as they were at the end)."""
+        if self._stats_map is None:
+            return self._final or RelayStats(self.one_way_delay_s * 1e6)
+        v = _SHARED.unpack_from(self._stats_map)
+
+        def direction(
+            chunks: int, nbytes: int, delay_ns: int, max_ns: int, paused: int
+        ) -> DirectionStats:
+            return DirectionStats(chunks, nbytes, delay_ns / 1e9, max_ns / 1e9, paused)
+
+        return RelayStats(
+            self.one_way_delay_s * 1e6, v[0], v[1], direction(*v[2:7]), direction(*v[7:12])
+        )
+
+    def _release(self) -> None:
+        if self._stats_map is not None:
+            self._stats_map.close()
+            self._stats_map = None
+        if self._stats_file is not None:
+            self._stats_file.unlink(missing_ok=True)
+            self._stats_file = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -396,81 +249,6 @@ class DelayRelay:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-    # -- on the loop's thread
-
-    def _run(self, started: list[BaseException | tuple[str, int]], ready: threading.Event) -> None:
-        _precise_timers()
-        loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
-        self._loop = loop
-        try:
-            self._server = loop.run_until_complete(
-                loop.create_server(self._accepted, *self.listen, backlog=256)
-            )
-            host, port = self._server.sockets[0].getsockname()[:2]
-            started.append((host, port))
-        except BaseException as exc:
-            started.append(exc)
-            loop.close()
-            return
-        finally:
-            ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.close()
-
-    def _accepted(self) -> asyncio.Protocol:
-        loop = self._loop
-        assert loop is not None
-        pair = _Pair(self, loop)
-        pair.on_close = self._pairs.discard
-        self._pairs.add(pair)
-        self.stats_now.connections += 1
-        loop.create_task(self._connect(pair))
-        return pair.client
-
-    async def _connect(self, pair: _Pair) -> None:
-        """Connect the target side; the client's bytes wait in their line meanwhile."""
-        loop = self._loop
-        assert loop is not None
-        try:
-            transport, _ = await loop.create_connection(lambda: pair.server, *self.target)
-        except OSError:
-            self.stats_now.failed_connects += 1
-            pair.close()
-            return
-        if pair.closed:  # the client left while we connected
-            transport.close()
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for pair in list(self._pairs):
-            for side in (pair.client, pair.server):
-                if side.transport is not None:
-                    side.transport.abort()
-            pair.close()
-        self._pairs.clear()
-        me = asyncio.current_task()
-        others = [task for task in asyncio.all_tasks() if task is not me]
-        for task in others:
-            task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-        loop = asyncio.get_running_loop()
-        loop.call_soon(loop.stop)
-
-
-def _precise_timers() -> None:
-    """Ask for 1 µs timer slack on this thread (Linux's default of 50 µs would show as delay)
-    and for a higher priority (only root may lower its niceness: elsewhere it stays)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_TIMERSLACK, _TIMER_SLACK_NS, 0, 0, 0)
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
 
 
 def _address(text: str) -> tuple[str, int]:
