@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return max(replay(SimParams(replicas=r, seed=args.seed, faults=faults)) for r in replicas)
 
     started = time.monotonic()
-    runs = steps = commits = views = crashes = 0
+    runs = steps = commits = views = crashes = stepdowns = 0
     failures: list[Outcome] = []
     total = args.seeds * len(replicas)
     for out in sweep(range(args.first, args.first + args.seeds), replicas, faults, args.jobs):
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             commits += out.stats.commits
             views += out.stats.view_changes
             crashes += out.stats.crashes
+            stepdowns += out.stats.stepdowns
         else:
             failures.append(out)
         if runs % 500 == 0:
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"seeds {args.seeds} x replicas {replicas} = {runs} runs, faults {faults}: "
         f"{steps} steps, {commits} commits, {views} view changes, {crashes} crashes, "
-        f"{len(failures)} violations ({took:.1f} s)"
+        f"{stepdowns} step-downs, {len(failures)} violations ({took:.1f} s)"
     )
     for out in failures[:5]:
         small = minimize(out.params)

@@ -41,7 +41,9 @@ from gaia.apus.core.types import (
 )
 from gaia.apus.sim.invariants import Checker, Violation
 
-FAULT_KINDS = ("delay", "drop", "tear", "crash", "partition", "slow", "snapshot", "reconfig")
+FAULT_KINDS = (
+    "delay", "drop", "tear", "crash", "partition", "slow", "snapshot", "reconfig", "stepdown"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class Stats:
     crashes: int = 0
     snapshots: int = 0
     reconfigs: int = 0
+    stepdowns: int = 0  # a leader stopped leading (its app's output differed)
     acked: int = 0
 
 
@@ -424,6 +427,20 @@ class World:
             self._compact(self.nodes[rng.choice(sorted(self.active))])
         if "reconfig" in f:
             self._reconfigure()
+        if "stepdown" in f and rng.random() < 0.01:
+            self._step_down()
+
+    def _step_down(self) -> None:
+        """A leader stops leading, as the app guard makes one whose output differed."""
+        leaders = [n for n in self.nodes.values() if n.core is not None and n.core.role == LEADER]
+        if not leaders:
+            return
+        node = self.rng.choice(leaders)
+        assert node.core is not None
+        node.core.step_down()
+        self.stats.stepdowns += 1
+        self.log(f"r{node.id} steps down in view {node.core.view}")
+        self._run_actions(node)
 
     def _compact(self, node: Node) -> None:
         core = node.core
