@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -208,4 +211,80 @@ def test_input_agreed_at_epoll_wait_reaches_a_server_that_reads_less_of_it() -> 
         server.wait()
         daemon.stop.set()
         daemon.thread.join(timeout=5)
+        segment.close()
+
+
+RECORDING_SERVER = """
+import os, select, socket
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+ep = select.epoll()
+ep.register(srv.fileno(), select.EPOLLIN)
+conns = {}
+while True:
+    for fd, _ in ep.poll():
+        if fd == srv.fileno():
+            c, peer = srv.accept()
+            c.setblocking(False)
+            ep.register(c.fileno(), select.EPOLLIN)
+            conns[c.fileno()] = (c, peer[1])
+            continue
+        try:
+            data = os.read(fd, 100)
+        except BlockingIOError:
+            continue  # not its turn: it stays readable, the loop comes back to it
+        print(conns[fd][1], data.decode(), flush=True)
+"""
+
+
+def _lines(stream: IO[str], count: int, timeout: float = 10.0) -> list[str]:
+    """The next `count` lines the server prints; fails (rather than hangs) if they do not come."""
+    got: queue.Queue[str] = queue.Queue()
+    threading.Thread(
+        target=lambda: [got.put(stream.readline()) for _ in range(count)], daemon=True
+    ).start()
+    try:
+        return [got.get(timeout=timeout) for _ in range(count)]
+    except queue.Empty:
+        raise AssertionError(
+            f"the server printed fewer than {count} lines in {timeout:g} s"
+        ) from None
+
+
+def test_a_backup_server_reads_its_replay_connections_in_turn_order() -> None:
+    """Input that arrives first is still read after the input announced before it, and a read
+    never runs into the connection's next turn, whatever order the bytes arrive in."""
+    segment = AppSegment("shimturns", 0, 1024)
+    segment.role = L["GAIA_ROLE_BACKUP"]
+    env = dict(os.environ, LD_PRELOAD=str(shim_library()), GAIA_SHIM_SEGMENT=segment.name)
+    server = subprocess.Popen(
+        [sys.executable, "-c", RECORDING_SERVER], env=env, stdout=subprocess.PIPE, text=True
+    )
+    socks: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        entries = {}
+        for name in ("a", "b"):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            entries[name] = segment.register_replay(sock.getsockname()[1], ordered=True)
+            sock.connect(("127.0.0.1", port))
+            socks.append(sock)
+        a, b = socks
+        for name, data in (("b", b"b1"), ("a", b"a1"), ("b", b"b2")):
+            assert segment.announce_turn(entries[name], len(data))
+        a.sendall(b"a1")  # first to arrive, second in turn
+        time.sleep(0.2)
+        b.sendall(b"b1b2")  # both of b's turns at once: read apart
+        lines = [line.split() for line in _lines(server.stdout, 3)]
+        ports = {str(s.getsockname()[1]): name for name, s in zip("ab", socks, strict=True)}
+        assert [(ports[p], data) for p, data in lines] == [("b", "b1"), ("a", "a1"), ("b", "b2")]
+        assert segment.turns_pending() == 0
+        assert segment.counters()["out_of_turn"] >= 1  # a's early read was refused
+    finally:
+        for sock in socks:
+            sock.close()
+        server.kill()
+        server.wait()
         segment.close()
