@@ -110,7 +110,7 @@ def test_inputs_are_taken_in_submission_order_across_the_sequence_wrap() -> None
         segment.close()
 
 
-ECHO_SERVER = """
+EPOLL_SERVER = """
 import os, select, socket
 srv = socket.create_server(("127.0.0.1", 0))
 print(srv.getsockname()[1], flush=True)
@@ -120,11 +120,16 @@ conns = {}
 while True:
     for fd, _ in ep.poll():
         if fd == srv.fileno():
-            c, _ = srv.accept()
+            c, peer = srv.accept()
             c.setblocking(False)
             ep.register(c.fileno(), select.EPOLLIN)
-            conns[c.fileno()] = c
+            conns[c.fileno()] = (c, peer[1])
             continue
+"""
+"""A Python epoll server for the shim to sit in; a test appends what it does with a readable
+connection `fd` (indented for the loop's body)."""
+
+ECHO_SERVER = EPOLL_SERVER + """
         try:
             data = os.read(fd, 3)  # less than a client sends: the rest waits in the shim
         except ConnectionResetError:
@@ -133,7 +138,7 @@ while True:
             os.write(fd, data)
         else:
             ep.unregister(fd)
-            conns.pop(fd).close()
+            conns.pop(fd)[0].close()
             print("closed", flush=True)
 """
 
@@ -214,21 +219,7 @@ def test_input_agreed_at_epoll_wait_reaches_a_server_that_reads_less_of_it() -> 
         segment.close()
 
 
-RECORDING_SERVER = """
-import os, select, socket
-srv = socket.create_server(("127.0.0.1", 0))
-print(srv.getsockname()[1], flush=True)
-ep = select.epoll()
-ep.register(srv.fileno(), select.EPOLLIN)
-conns = {}
-while True:
-    for fd, _ in ep.poll():
-        if fd == srv.fileno():
-            c, peer = srv.accept()
-            c.setblocking(False)
-            ep.register(c.fileno(), select.EPOLLIN)
-            conns[c.fileno()] = (c, peer[1])
-            continue
+RECORDING_SERVER = EPOLL_SERVER + """
         try:
             data = os.read(fd, 100)
         except BlockingIOError:
