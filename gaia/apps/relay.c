@@ -64,6 +64,7 @@ struct pair {
     int fd[2];
     int connected, dead; /* dead: closed; freed after the events of this round */
     struct end ends[2];
+    uint32_t watched[2]; /* the events each socket is registered for now */
     struct line up, down; /* up: client -> server */
     struct pair *prev, *next;
 };
@@ -107,8 +108,12 @@ static void rewatch(struct pair *p) {
     uint32_t client = (p->up.reading ? EPOLLIN : 0) | (p->down.blocked ? EPOLLOUT : 0);
     uint32_t server = p->connected ? (p->down.reading ? EPOLLIN : 0) | (p->up.blocked ? EPOLLOUT : 0)
                                    : EPOLLOUT;
-    watch(p->fd[0], client, &p->ends[0], EPOLL_CTL_MOD);
-    watch(p->fd[1], server, &p->ends[1], EPOLL_CTL_MOD);
+    uint32_t want[2] = {client, server};
+    for (int i = 0; i < 2; i++)
+        if (want[i] != p->watched[i]) { /* a syscall only when the interest changes */
+            watch(p->fd[i], want[i], &p->ends[i], EPOLL_CTL_MOD);
+            p->watched[i] = want[i];
+        }
 }
 
 static void drop_line(struct line *l) {

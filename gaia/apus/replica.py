@@ -458,18 +458,19 @@ class ReplicaDaemon:
             app.segment.answer(i.slot, committed=False)
         return 0
 
-    def _checks_due(self, app: AppHost, group: list[Input]) -> int:
-        """How many OUTPUT entries `_propose_locked` puts before these inputs (lock held)."""
+    def _output_due(self, i: Input) -> bool:
+        """Whether input `i` is its connection's `output_period`-th (lock held): an OUTPUT
+        entry with the output so far goes before it."""
         period = self.config.output_period
-        if not period:
-            return 0
-        return sum(
-            1
-            for i in group
-            if i.kind == EntryKind.DATA
-            and i.conn in app.conn_ids
+        return (
+            bool(period)
+            and i.kind == EntryKind.DATA
             and (self._inputs_on[i.conn] + 1) % period == 0
         )
+
+    def _checks_due(self, app: AppHost, group: list[Input]) -> int:
+        """How many OUTPUT entries `_propose_locked` puts before these inputs (lock held)."""
+        return sum(1 for i in group if i.conn in app.conn_ids and self._output_due(i))
 
     def _propose_locked(self, app: AppHost, group: list[Input]) -> int:
         """Propose one entry's shim inputs (lock held, room checked): its log index, or 0 if
@@ -477,7 +478,6 @@ class ReplicaDaemon:
         `output_period`-th input on a connection is preceded by an OUTPUT entry with the output
         so far: the server is blocked reading this very input, or in epoll_wait where the shim
         agrees a batch of inputs for it, so that output is complete."""
-        period = self.config.output_period
         carried: list[tuple[Input, int]] = []
         for i in group:
             if i.kind == EntryKind.CONNECT:
@@ -488,19 +488,20 @@ class ReplicaDaemon:
             else:  # accepted under an earlier leadership of mine: that client is gone
                 app.segment.answer(i.slot, committed=False)
                 continue
-            if i.kind == EntryKind.DATA and period:
+            if self._output_due(i):
+                out = app.segment.output(i.conn)
+                self.core.propose(
+                    EntryKind.OUTPUT, conn, encode_output(out.nbytes, output_digest(out))
+                )
+            if i.kind == EntryKind.DATA:
                 self._inputs_on[i.conn] += 1
-                if self._inputs_on[i.conn] % period == 0:
-                    out = app.segment.output(i.conn)
-                    check = encode_output(out.nbytes, output_digest(out))
-                    self.core.propose(EntryKind.OUTPUT, conn, check)
             carried.append((i, conn))
             self.proposed_inputs[EntryKind(i.kind).name.lower()] += 1
         if not carried:
             return 0
         t0 = time.perf_counter()
         if len(carried) == 1:
-            (one, conn), = carried
+            ((one, conn),) = carried
             index = self.core.propose(EntryKind(one.kind), conn, one.payload)
         else:
             batch = encode_batch([(conn, i.payload) for i, conn in carried])

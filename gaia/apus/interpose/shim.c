@@ -843,7 +843,7 @@ ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr
     return input(fd, len, fill_flat, deliver_flat, &f, flags & MSG_PEEK);
 }
 
-struct vec { const struct iovec *iov; int iovcnt; struct msghdr *msg; int flags; int filled; };
+struct vec { const struct iovec *iov; int iovcnt; size_t total; struct msghdr *msg; int flags; int filled; };
 
 static size_t iov_total(const struct iovec *iov, int iovcnt) {
     size_t t = 0;
@@ -866,7 +866,7 @@ static int cut_iov(const struct iovec *iov, int iovcnt, size_t cap, struct iovec
 static ssize_t fill_vec(int fd, void *dst, size_t cap, void *ctx) {
     struct vec *v = ctx;
     struct iovec cut[IOV_CAP];
-    int whole = cap >= iov_total(v->iov, v->iovcnt);
+    int whole = cap >= v->total;
     if (v->msg == NULL) {
         if (dst) return real_read(fd, dst, cap);
         return whole ? real_readv(fd, v->iov, v->iovcnt) : real_readv(fd, cut, cut_iov(v->iov, v->iovcnt, cap, cut));
@@ -910,13 +910,13 @@ static void deliver_vec(const uint8_t *src, size_t n, void *ctx) {
 }
 
 ssize_t readv(int fd, const struct iovec *iov, int iovcnt) {
-    struct vec v = {iov, iovcnt, NULL, 0, 0};
-    return input(fd, iov_total(iov, iovcnt), fill_vec, deliver_vec, &v, 0);
+    struct vec v = {iov, iovcnt, iov_total(iov, iovcnt), NULL, 0, 0};
+    return input(fd, v.total, fill_vec, deliver_vec, &v, 0);
 }
 
 ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
-    struct vec v = {msg->msg_iov, (int)msg->msg_iovlen, msg, flags, 0};
-    return input(fd, iov_total(msg->msg_iov, (int)msg->msg_iovlen), fill_vec, deliver_vec, &v,
+    struct vec v = {msg->msg_iov, (int)msg->msg_iovlen, iov_total(msg->msg_iov, (int)msg->msg_iovlen), msg, flags, 0};
+    return input(fd, v.total, fill_vec, deliver_vec, &v,
                  flags & MSG_PEEK);
 }
 
