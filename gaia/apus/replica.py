@@ -507,11 +507,14 @@ class ReplicaDaemon:
             batch = encode_batch([(conn, i.payload) for i, conn in carried])
             index = self.core.propose(EntryKind.BATCH, 0, batch)
             self.proposed_inputs["batch_entries"] += 1
-        slots = [i.slot for i, _ in carried]
+        numbered = [
+            (i.slot, app.segment.next_order() if i.kind == EntryKind.DATA else None)
+            for i, _ in carried
+        ]  # in log order: the order the server executes them in
 
         def answer(status: Status, at: int, _body: bytes) -> None:
-            for slot in slots:
-                app.segment.answer(slot, committed=status == Status.OK, index=at)
+            for slot, order in numbered:
+                app.segment.answer(slot, committed=status == Status.OK, index=at, order=order)
 
         self.pending[index] = Pending(self.core.view, t0, answer, None)
         if group[0].kind == EntryKind.CLOSE:

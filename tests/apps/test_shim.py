@@ -20,6 +20,8 @@ from gaia.apus.config import ClusterConfig, ConfigError
 from gaia.apus.interpose.build import shim_library
 from gaia.apus.interpose.segment import AppSegment, L
 
+from .conftest import wait_until
+
 
 def run_preloaded(segment: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LD_PRELOAD=str(shim_library()), GAIA_SHIM_SEGMENT=segment)
@@ -161,8 +163,10 @@ class StandInDaemon:
             inputs = self.segment.take()
             for i in inputs:
                 self.taken.append((i.kind, i.payload))
-                lose = i.kind == L["GAIA_KIND_DATA"] and not self.commit
-                self.segment.answer(i.slot, committed=not lose, index=len(self.taken))
+                data = i.kind == L["GAIA_KIND_DATA"]
+                lose = data and not self.commit
+                order = self.segment.next_order() if data else None  # numbered as it logs them
+                self.segment.answer(i.slot, not lose, index=len(self.taken), order=order)
             if not inputs:
                 self.segment.wait(seen, 0.01)
 
@@ -182,6 +186,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def test_input_agreed_at_epoll_wait_reaches_a_server_that_reads_less_of_it() -> None:
     segment = AppSegment("shimahead", 0, 1024)
+    segment.open_orders()
     segment.role = L["GAIA_ROLE_LEADER"]
     daemon = StandInDaemon(segment)
     env = dict(os.environ, LD_PRELOAD=str(shim_library()), GAIA_SHIM_SEGMENT=segment.name)
@@ -242,6 +247,15 @@ def _lines(stream: IO[str], count: int, timeout: float = 10.0) -> list[str]:
         ) from None
 
 
+def _shut(server: subprocess.Popen[str], segment: AppSegment, socks: list[socket.socket]) -> None:
+    """A backup test's end: the replay connections, the server, then the segment."""
+    for sock in socks:
+        sock.close()
+    server.kill()
+    server.wait()
+    segment.close()
+
+
 def test_a_backup_server_reads_its_replay_connections_in_turn_order() -> None:
     """Input that arrives first is still read after the input announced before it, and a read
     never runs into the connection's next turn, whatever order the bytes arrive in."""
@@ -271,11 +285,110 @@ def test_a_backup_server_reads_its_replay_connections_in_turn_order() -> None:
         lines = [line.split() for line in _lines(server.stdout, 3)]
         ports = {str(s.getsockname()[1]): name for name, s in zip("ab", socks, strict=True)}
         assert [(ports[p], data) for p, data in lines] == [("b", "b1"), ("a", "a1"), ("b", "b2")]
-        assert segment.turns_pending() == 0
+        wait_until(lambda: segment.turns_pending() == 0, what="the server back in epoll_wait")
         assert segment.counters()["out_of_turn"] >= 1  # a's early read was refused
     finally:
-        for sock in socks:
-            sock.close()
+        _shut(server, segment, socks)
+
+
+TWO_THREAD_SERVER = """
+import os, select, socket, sys, threading, time
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+say = threading.Lock()
+
+def serve(name, conn):  # one event loop per thread, as memcached's workers
+    conn.setblocking(False)
+    ep = select.epoll()
+    ep.register(conn.fileno(), select.EPOLLIN)
+    while True:
+        for fd, _ in ep.poll():
+            try:
+                data = os.read(fd, 100)
+            except BlockingIOError:
+                continue  # not its turn yet
+            if not data:
+                return
+            with say:
+                print(name, "read", data.decode(), flush=True)
+            if name == "a":
+                time.sleep(0.3)  # a slow command: the other thread's input must wait for it
+            with say:
+                print(name, "done", data.decode(), flush=True)
+
+threads = []
+for name in ("a", "b"):
+    conn, _ = srv.accept()
+    threads.append(threading.Thread(target=serve, args=(name, conn)))
+    threads[-1].start()
+print("serving", flush=True)
+for t in threads:
+    t.join()
+"""
+"""A server whose two threads each own one connection, and thread a takes 0.3 s per input."""
+
+
+def _two_thread_server(segment: AppSegment) -> subprocess.Popen[str]:
+    env = dict(os.environ, LD_PRELOAD=str(shim_library()), GAIA_SHIM_SEGMENT=segment.name)
+    return subprocess.Popen(
+        [sys.executable, "-c", TWO_THREAD_SERVER], env=env, stdout=subprocess.PIPE, text=True
+    )
+
+
+def test_a_backup_runs_the_next_turn_only_once_the_thread_of_the_last_is_back() -> None:
+    """Thread a reads its turn and works on it; thread b's input, next in turn and already
+    there, is read only once a is back for more: the inputs execute in log order, not in the
+    order two threads happen to run them."""
+    segment = AppSegment("shimexecb", 0, 1024)
+    segment.role = L["GAIA_ROLE_BACKUP"]
+    server = _two_thread_server(segment)
+    socks: list[socket.socket] = []
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        for data in (b"a1", b"b1"):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            entry = segment.register_replay(sock.getsockname()[1], ordered=True)
+            sock.connect(("127.0.0.1", port))
+            socks.append(sock)
+            assert segment.announce_turn(entry, len(data))
+        assert _lines(server.stdout, 1) == ["serving\n"]
+        for sock, data in zip(socks, (b"a1", b"b1"), strict=True):
+            sock.sendall(data)
+        lines = [line.strip() for line in _lines(server.stdout, 4)]
+        assert lines == ["a read a1", "a done a1", "b read b1", "b done b1"]
+    finally:
+        _shut(server, segment, socks)
+
+
+def test_a_leader_hands_over_inputs_in_log_order_once_the_one_before_has_executed() -> None:
+    """a's input is agreed first and its thread works on it for 0.3 s; b's, agreed next, is
+    handed to thread b only once a is back for more: the leader executes in the order the
+    backups replay, whichever thread reads what."""
+    segment = AppSegment("shimexecl", 0, 1024)
+    segment.open_orders()
+    segment.role = L["GAIA_ROLE_LEADER"]
+    daemon = StandInDaemon(segment)
+    server = _two_thread_server(segment)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as a,
+            socket.create_connection(("127.0.0.1", port), timeout=10) as b,
+        ):
+            assert _lines(server.stdout, 1) == ["serving\n"]
+            a.sendall(b"a1")
+            assert _lines(server.stdout, 1) == ["a read a1\n"]
+            b.sendall(b"b1")  # agreed while thread a still works on a1
+            lines = [line.strip() for line in _lines(server.stdout, 3)]
+            assert lines == ["a done a1", "b read b1", "b done b1"]
+            assert daemon.data() == [b"a1", b"b1"]
+            assert segment.counters()["out_of_order"] == 0
+    finally:
         server.kill()
         server.wait()
+        daemon.stop.set()
+        daemon.thread.join(timeout=5)
         segment.close()

@@ -140,6 +140,8 @@ class AppHost:
         role = L["GAIA_ROLE_LEADER"] if leading else L["GAIA_ROLE_BACKUP"]
         if self.segment.role != role:
             log.info("%s now %s", self.app.name, "serves clients" if leading else "replays")
+            if leading:
+                self.segment.open_orders()
             self.segment.role = role
 
     def query(self, request: bytes, timeout: float = 2.0, quiet: float = 0.05) -> bytes:

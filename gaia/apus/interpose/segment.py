@@ -135,6 +135,7 @@ class AppSegment:
         # first in, first out: an entry is reused as late as possible, long after the server
         # closed its end of the connection that last held it
         self._free_replay = deque(range(L["GAIA_CONNS"] // 2, L["GAIA_CONNS"]))
+        self._next_order = 0
         _U32.pack_into(self.mem, L["GAIA_HDR_VERSION"], L["GAIA_VERSION"])
         _U32.pack_into(self.mem, L["GAIA_HDR_MAX_DATA"], min(max_data, L["GAIA_DATA_CAP"]))
         _U64.pack_into(self.mem, L["GAIA_HDR_MAGIC"], L["GAIA_MAGIC"])  # last: now it is valid
@@ -177,6 +178,7 @@ class AppSegment:
             "lost": self._u64(L["GAIA_HDR_LOST"]),
             "discarded_bytes": self._u64(L["GAIA_HDR_DISCARDED"]),
             "out_of_turn": self._u64(L["GAIA_HDR_OUT_OF_TURN"]),
+            "out_of_order": self._u64(L["GAIA_HDR_OUT_OF_ORDER"]),
         }
 
     # -- inputs
@@ -215,12 +217,31 @@ class AppSegment:
         taken.sort(key=lambda t: (t[0] - first + (1 << 31)) & 0xFFFFFFFF)
         return [i for _, i in taken]
 
-    def answer(self, slot: int, committed: bool, index: int = 0) -> None:
-        """Release the shim's call: deliver the input (committed) or fail it (lost)."""
+    def next_order(self) -> int:
+        """Number the next input proposed (call in log order): the shim hands it to the server
+        only once every input numbered before it has executed."""
+        order = self._next_order
+        self._next_order = (order + 1) & 0xFFFFFFFF
+        if self._next_order == L["GAIA_NO_ORDER"]:
+            self._next_order = 0
+        return order
+
+    def open_orders(self) -> None:
+        """Before the server serves clients: inputs execute from the next number on (those of
+        an earlier leadership are gone with their clients)."""
+        _U32.pack_into(self.mem, L["GAIA_HDR_RELEASED"], self._next_order)
+
+    def answer(
+        self, slot: int, committed: bool, index: int = 0, order: int | None = None
+    ) -> None:
+        """Release the shim's call: deliver the input (committed) or fail it (lost); `order`
+        is its number from `next_order` if it was proposed."""
         base = self._slot(slot)
         result = L["GAIA_RESULT_OK"] if committed else L["GAIA_RESULT_LOST"]
         _U32.pack_into(self.mem, base + L["GAIA_SLOT_RESULT"], result)
         _U64.pack_into(self.mem, base + L["GAIA_SLOT_INDEX"], index)
+        numbered = L["GAIA_NO_ORDER"] if order is None else order
+        _U32.pack_into(self.mem, base + L["GAIA_SLOT_ORDER"], numbered)
         _U32.pack_into(self.mem, base + L["GAIA_SLOT_STATE"], L["GAIA_SLOT_DONE"])
         _futex(self._base + base + L["GAIA_SLOT_STATE"], _FUTEX_WAKE, 1)
 

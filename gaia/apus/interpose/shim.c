@@ -27,6 +27,19 @@
  * shim what each descriptor was registered with), so a server that reads less than was agreed
  * still gets the rest. Nothing is delivered before it is committed, as without batching.
  *
+ * Execution in log order: a multithreaded server (memcached) would otherwise run the inputs
+ * two threads read at once in its scheduler's order, differently on every replica, and
+ * conflicting writes from concurrent connections would diverge. So one input executes at a
+ * time, in log order, on every replica: an input is handed to the server only once the one
+ * before it has executed, which is when the thread that read it comes back for more (its next
+ * input call on a client or replay connection, epoll_wait, accept or close: by then it has
+ * acted on what it read). On the leader the daemon numbers the inputs in log order
+ * (slot.order) and a read waits for its number to come up; on a backup a turn stays the
+ * server's until the thread that read it comes back. A single-threaded server never waits (its
+ * thread comes back before its next read). A read that would wait for input this same thread
+ * holds agreed ahead on another connection, or that waited 1 s (a thread that acts on one input
+ * only after reading another), delivers at once and is counted (out_of_order).
+ *
  * Calls on anything else (files, pipes, listening and outgoing sockets) go straight through.
  * Redis 7 uses accept4/read/write, memcached accept4/read/sendmsg from several threads, so all
  * shared state is touched with atomics. A forked child (Redis BGSAVE) is inert.
@@ -122,6 +135,8 @@ struct ahead {
     uint32_t cap, len, off;
     int end; /* once the bytes are read: 0 more may come, AHEAD_EOF, or the errno to fail with */
     int listed; /* in its thread's ahead_fds */
+    uint32_t order; /* the bytes' place in the execution order (GAIA_NO_ORDER: none) */
+    int started;    /* some of them reached the server already */
 };
 static struct ahead aheads[FD_LIMIT];
 static uint32_t asked[FD_LIMIT]; /* the size of the server's last read on each descriptor */
@@ -132,7 +147,18 @@ static uint32_t asked[FD_LIMIT]; /* the size of the server's last read on each d
 static pthread_mutex_t turn_lock = PTHREAD_MUTEX_INITIALIZER;
 static uint32_t turn_head; /* the turn being read */
 static uint32_t turn_left; /* its bytes not read yet; 0: not started */
+static int turn_read;      /* the head turn is read in full; it moves once its thread is back */
 static int turn_waiters;   /* threads asleep until the head turn moves */
+
+/* The leader's execution order (see the top): inputs executed out of order so far are kept
+ * here (order + 1 at order % ORDER_RING) until the ones before them are, then RELEASED moves. */
+#define ORDER_RING 65536
+#define ORDER_WAIT_NS (1000LL * 1000 * 1000)
+static pthread_mutex_t order_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint32_t executed[ORDER_RING];
+static int order_waiters;
+static __thread uint32_t owed_order = GAIA_NO_ORDER; /* delivered by this thread, executing */
+static __thread int owes_turn;                       /* this thread read the head turn in full */
 static __thread int ahead_fds[AHEAD_MAX];
 static __thread int n_ahead;
 
@@ -222,6 +248,7 @@ __attribute__((constructor)) static void shim_init(void) {
         _exit(70);
     }
     turn_head = __atomic_load_n(u32at(seg, GAIA_HDR_TURN_HEAD), __ATOMIC_ACQUIRE);
+    for (int i = 0; i < FD_LIMIT; i++) aheads[i].order = GAIA_NO_ORDER;
     __atomic_store_n(u32at(seg, GAIA_HDR_PID), (uint32_t)getpid(), __ATOMIC_RELEASE);
     pthread_atfork(NULL, NULL, child_after_fork);
     active = 1;
@@ -275,6 +302,7 @@ static void submit(uint8_t *slot, uint32_t kind, int conn, size_t len) {
     *u32at(slot, GAIA_SLOT_KIND) = kind;
     *u32at(slot, GAIA_SLOT_CONN) = (uint32_t)conn;
     *u32at(slot, GAIA_SLOT_LEN) = (uint32_t)len;
+    *u32at(slot, GAIA_SLOT_ORDER) = GAIA_NO_ORDER; /* the daemon's to set, with the result */
     *u32at(slot, GAIA_SLOT_SEQ) = __atomic_fetch_add(u32at(seg, GAIA_HDR_SEQ), 1, __ATOMIC_RELAXED);
     __atomic_store_n(u32at(slot, GAIA_SLOT_STATE), GAIA_SLOT_SUBMITTED, __ATOMIC_RELEASE);
 }
@@ -327,6 +355,84 @@ static void delivered(int conn, size_t n) {
     __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
 }
 
+/* ------------------------------------------------------------------ execution order */
+
+static inline int earlier(uint32_t a, uint32_t b) { return (int32_t)(a - b) < 0; }
+
+/* Input `order` has executed (or will never reach the server): move RELEASED past every input
+ * executed so far without a gap, and wake the threads waiting for theirs. */
+static void executed_input(uint32_t order) {
+    if (order == GAIA_NO_ORDER) return;
+    uint32_t *released = u32at(seg, GAIA_HDR_RELEASED);
+    pthread_mutex_lock(&order_lock);
+    executed[order % ORDER_RING] = order + 1;
+    uint32_t r = __atomic_load_n(released, __ATOMIC_ACQUIRE), from = r;
+    while (executed[r % ORDER_RING] == r + 1) executed[r++ % ORDER_RING] = 0;
+    if (r != from) {
+        __atomic_store_n(released, r, __ATOMIC_RELEASE);
+        if (__atomic_load_n(&order_waiters, __ATOMIC_ACQUIRE)) futex(released, FUTEX_WAKE, INT32_MAX, NULL);
+    }
+    pthread_mutex_unlock(&order_lock);
+}
+
+/* Whether this thread holds input `order` agreed ahead (its own event loop must read it). */
+static int holds_order(uint32_t order) {
+    for (int i = 0; i < n_ahead; i++)
+        if (aheads[ahead_fds[i]].order == order) return 1;
+    return 0;
+}
+
+/* Hold a committed input until every input before it in the log has executed. */
+static void wait_order(uint32_t order) {
+    if (order == GAIA_NO_ORDER) return;
+    uint32_t *released = u32at(seg, GAIA_HDR_RELEASED);
+    int64_t deadline = 0;
+    for (int spin = 0;; spin++) {
+        uint32_t r = __atomic_load_n(released, __ATOMIC_ACQUIRE);
+        if (!earlier(r, order)) return;
+        if (spin < SPINS) {
+            sched_yield();
+            continue;
+        }
+        int64_t now = now_ns();
+        if (deadline == 0) {
+            deadline = now + ORDER_WAIT_NS;
+        }
+        if (holds_order(r)) { /* only this thread can go on: it reads that one later */
+            count(GAIA_HDR_OUT_OF_ORDER, 1);
+            return;
+        }
+        if (now > deadline) { /* its thread is not coming back (gone, or blocked on us) */
+            count(GAIA_HDR_OUT_OF_ORDER, 1);
+            executed_input(r); /* so that the inputs after it do not wait for it too */
+            return;
+        }
+        const struct timespec step = {0, 1000 * 1000};
+        __atomic_fetch_add(&order_waiters, 1, __ATOMIC_ACQ_REL);
+        futex(released, FUTEX_WAIT, r, &step);
+        __atomic_fetch_sub(&order_waiters, 1, __ATOMIC_ACQ_REL);
+    }
+}
+
+/* This thread is back for more: what it read last has executed (see the top). */
+static void thread_is_back(void) {
+    if (owed_order != GAIA_NO_ORDER) {
+        uint32_t order = owed_order;
+        owed_order = GAIA_NO_ORDER;
+        executed_input(order);
+    }
+    if (owes_turn) {
+        owes_turn = 0;
+        pthread_mutex_lock(&turn_lock);
+        turn_read = 0;
+        turn_left = 0;
+        __atomic_store_n(u32at(seg, GAIA_HDR_TURN_HEAD), ++turn_head, __ATOMIC_RELEASE);
+        if (__atomic_load_n(&turn_waiters, __ATOMIC_ACQUIRE))
+            futex(u32at(seg, GAIA_HDR_TURN_HEAD), FUTEX_WAKE, INT32_MAX, NULL);
+        pthread_mutex_unlock(&turn_lock);
+    }
+}
+
 /* The input path for a leader's client connection: `fill` does the real read into the slot,
  * the bytes are agreed, then `deliver` copies them to the caller's buffers. */
 typedef ssize_t (*fill_fn)(int fd, void *dst, size_t cap, void *ctx);
@@ -346,9 +452,14 @@ static ssize_t agreed_input(int fd, int conn, size_t want, fill_fn fill, deliver
         return n;
     }
     uint32_t result = agree(slot, GAIA_KIND_DATA, conn, (size_t)n);
+    uint32_t order = result == GAIA_RESULT_LOST && daemon_gone ? GAIA_NO_ORDER : *u32at(slot, GAIA_SLOT_ORDER);
     if (result == GAIA_RESULT_OK) {
+        wait_order(order);
         deliver(slot + GAIA_SLOT_DATA, (size_t)n, ctx);
         delivered(conn, (size_t)n);
+        owed_order = order;
+    } else {
+        executed_input(order); /* it never reaches the server */
     }
     finish(slot);
     if (result != GAIA_RESULT_OK) {
@@ -371,10 +482,18 @@ static ssize_t read_ahead(int fd, int conn, size_t want, deliver_fn deliver, voi
     struct ahead *a = &aheads[fd];
     if (a->len > a->off) {
         size_t n = a->len - a->off < want ? a->len - a->off : want;
+        if (!peek && !a->started) {
+            wait_order(a->order);
+            a->started = 1;
+        }
         deliver(a->buf + a->off, n, ctx);
         if (!peek) {
             a->off += (uint32_t)n;
-            if (a->off == a->len) a->off = a->len = 0;
+            if (a->off == a->len) { /* all of it handed over: executed once this thread is back */
+                a->off = a->len = 0;
+                owed_order = a->order;
+                a->order = GAIA_NO_ORDER;
+            }
             delivered(conn, n);
         }
         return (ssize_t)n;
@@ -393,13 +512,14 @@ static void list_ahead(int fd) {
 }
 
 /* Keep an agreed input for the connection's next reads (the caller checked there is room). */
-static void hold_ahead(int fd, const uint8_t *src, uint32_t n) {
+static void hold_ahead(int fd, const uint8_t *src, uint32_t n, uint32_t order) {
     struct ahead *a = &aheads[fd];
     if (a->cap < n) {
         uint8_t *grown = realloc(a->buf, n);
         if (grown == NULL) { /* cannot keep what was agreed: the client is dropped, not fooled */
             a->end = ECONNRESET;
             list_ahead(fd);
+            executed_input(order);
             return;
         }
         a->buf = grown;
@@ -408,6 +528,8 @@ static void hold_ahead(int fd, const uint8_t *src, uint32_t n) {
     memcpy(a->buf, src, n);
     a->off = 0;
     a->len = n;
+    a->order = order;
+    a->started = 0;
     list_ahead(fd);
 }
 
@@ -428,6 +550,9 @@ static void drop_ahead(int fd) {
     }
     a->len = a->off = 0;
     a->end = 0; /* the thread's list forgets it at its next epoll_wait */
+    uint32_t order = a->order;
+    a->order = GAIA_NO_ORDER;
+    executed_input(order); /* what was not read never executes */
 }
 
 /* Events for this thread's descriptors of `epfd` that hold agreed input (the kernel no longer
@@ -509,11 +634,13 @@ static void agree_ahead(int epfd, const struct epoll_event *ev, int r) {
     ring();
     for (int j = 0; j < k; j++) {
         uint32_t result = verdict(slots[j]);
+        uint32_t order = result == GAIA_RESULT_LOST && daemon_gone ? GAIA_NO_ORDER : *u32at(slots[j], GAIA_SLOT_ORDER);
         if (result == GAIA_RESULT_OK) {
-            hold_ahead(fds[j], slots[j] + GAIA_SLOT_DATA, *u32at(slots[j], GAIA_SLOT_LEN));
+            hold_ahead(fds[j], slots[j] + GAIA_SLOT_DATA, *u32at(slots[j], GAIA_SLOT_LEN), order);
             count(GAIA_HDR_AHEAD, 1);
         } else {
             end_ahead(fds[j], ECONNRESET);
+            executed_input(order);
             count(GAIA_HDR_LOST, 1);
         }
         finish(slots[j]);
@@ -564,6 +691,7 @@ static void order_by_turns(int epfd, struct epoll_event *ev, int r) {
 static int waited(int epfd, struct epoll_event *ev, int max, int timeout, const sigset_t *mask, int masked) {
     if (!active || max <= 0)
         return masked ? real_epoll_pwait(epfd, ev, max, timeout, mask) : real_epoll_wait(epfd, ev, max, timeout);
+    thread_is_back();
     my_epfd = epfd;
     int n = report_ahead(epfd, ev, max), r = 0;
     if (n < max) {
@@ -627,16 +755,15 @@ static ssize_t replay_input(int fd, int conn, size_t want, fill_fn fill, void *c
         uint32_t tail = __atomic_load_n(u32at(seg, GAIA_HDR_TURN_TAIL), __ATOMIC_ACQUIRE);
         uint32_t head_conn = turn_head != tail ? *u32at(turn_at(turn_head), GAIA_TURN_CONN) : UINT32_MAX;
         uint32_t head = turn_head;
-        if (head_conn == (uint32_t)conn) {
+        if (head_conn == (uint32_t)conn && !turn_read) {
             if (turn_left == 0) turn_left = *u32at(turn_at(turn_head), GAIA_TURN_LEN);
             ssize_t n = fill(fd, NULL, want < turn_left ? want : turn_left, ctx);
             if (n > 0) {
                 __atomic_fetch_add(u64at(conn_at(conn), GAIA_CONN_IN_BYTES), (uint64_t)n, __ATOMIC_RELEASE);
                 turn_left -= (uint32_t)n;
-                if (turn_left == 0) {
-                    __atomic_store_n(u32at(seg, GAIA_HDR_TURN_HEAD), ++turn_head, __ATOMIC_RELEASE);
-                    if (__atomic_load_n(&turn_waiters, __ATOMIC_ACQUIRE))
-                        futex(u32at(seg, GAIA_HDR_TURN_HEAD), FUTEX_WAKE, INT32_MAX, NULL);
+                if (turn_left == 0) { /* the next turn once this thread is back (it executes) */
+                    turn_read = 1;
+                    owes_turn = 1;
                 }
             }
             int saved = errno;
@@ -676,6 +803,7 @@ static ssize_t replay_input(int fd, int conn, size_t want, fill_fn fill, void *c
 static ssize_t input(int fd, size_t want, fill_fn fill, deliver_fn deliver, void *ctx, int peek) {
     int conn = tracked(fd);
     if (conn < 0) return fill(fd, NULL, want, ctx);
+    if (!peek) thread_is_back();
     if (__atomic_load_n(u32at(conn_at(conn), GAIA_CONN_STATE), __ATOMIC_ACQUIRE) == GAIA_CONN_CLIENT) {
         if (!peek && want > 0) asked[fd] = want > GAIA_DATA_CAP ? GAIA_DATA_CAP : (uint32_t)want;
         ssize_t n = read_ahead(fd, conn, want, deliver, ctx, peek);
@@ -783,14 +911,19 @@ static int admit(int fd) {
     return fd;
 }
 
-int accept(int fd, struct sockaddr *addr, socklen_t *len) { return admit(real_accept(fd, addr, len)); }
+int accept(int fd, struct sockaddr *addr, socklen_t *len) {
+    if (active) thread_is_back();
+    return admit(real_accept(fd, addr, len));
+}
 
 int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags) {
+    if (active) thread_is_back();
     return admit(real_accept4(fd, addr, len, flags));
 }
 
 int close(int fd) {
     if (active && fd >= 0 && fd < FD_LIMIT) {
+        if (tracked(fd) >= 0) thread_is_back();
         watches[fd].epfd1 = 0;
         drop_ahead(fd);
     }

@@ -7,13 +7,15 @@
  * to whoever its state names (the shim from FREE to SUBMITTED, the daemon from SUBMITTED to
  * DONE, the shim again until FREE); client connection entries [0, CONNS/2) are the shim's,
  * replay entries [CONNS/2, CONNS) the daemon's. The turns are a ring: the daemon appends at
- * TURN_TAIL, the shim consumes at TURN_HEAD.
+ * TURN_TAIL, the shim consumes at TURN_HEAD. Execution order: the daemon numbers the inputs it
+ * proposes in log order (slot.order) and sets RELEASED to the next number before a leader
+ * serves; from then on the shim advances it as the server executes them.
  */
 #ifndef GAIA_SHIM_LAYOUT_H
 #define GAIA_SHIM_LAYOUT_H
 
 #define GAIA_MAGIC 0x314d485341494147ULL /* "GAIASHM1" */
-#define GAIA_VERSION 3
+#define GAIA_VERSION 4
 #define GAIA_SLOTS 64         /* inputs in flight at once (one per server thread is plenty) */
 #define GAIA_DATA_CAP 16384   /* bytes per slot; the daemon may lower max_data to its log slot */
 #define GAIA_CONNS 2048       /* connection entries: the first half clients, the second replay */
@@ -35,6 +37,9 @@
 #define GAIA_KIND_CONNECT 1
 #define GAIA_KIND_DATA 2
 #define GAIA_KIND_CLOSE 3
+
+/* slot.order of an input that has no place to wait for (not proposed, not a DATA input) */
+#define GAIA_NO_ORDER 0xFFFFFFFF
 
 /* slot.result */
 #define GAIA_RESULT_OK 0
@@ -65,6 +70,8 @@
 #define GAIA_HDR_TURN_HEAD 96  /* u32: turns the server has taken (read in full); the shim's */
 #define GAIA_HDR_TURN_TAIL 100 /* u32: turns announced; the daemon's */
 #define GAIA_HDR_OUT_OF_TURN 104 /* u64: replay reads refused because another connection came first */
+#define GAIA_HDR_RELEASED 112 /* u32 futex: the lowest input order not yet executed; the shim's */
+#define GAIA_HDR_OUT_OF_ORDER 120 /* u64: inputs delivered early, the one before still unexecuted */
 #define GAIA_HDR_SIZE 128
 
 #define GAIA_SLOT_STATE 0   /* u32 futex */
@@ -74,7 +81,8 @@
 #define GAIA_SLOT_RESULT 16 /* u32 */
 #define GAIA_SLOT_SEQ 20    /* u32: submission order (the log keeps it: one batch is in order) */
 #define GAIA_SLOT_INDEX 24  /* u64: the log index it was committed at */
-#define GAIA_SLOT_DATA 32
+#define GAIA_SLOT_ORDER 32  /* u32: the input's place in the log's order of inputs; NO_ORDER: none */
+#define GAIA_SLOT_DATA 40
 #define GAIA_SLOT_SIZE (GAIA_SLOT_DATA + GAIA_DATA_CAP)
 
 #define GAIA_CONN_STATE 0     /* u32 */
