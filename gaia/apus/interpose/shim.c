@@ -297,14 +297,22 @@ static size_t slot_capacity(size_t want) {
     return want < cap ? want : cap;
 }
 
-/* Hand a filled slot to the daemon (it looks once the doorbell rings). */
-static void submit(uint8_t *slot, uint32_t kind, int conn, size_t len) {
+/* Hand a filled slot to the daemon as submission `seq` (it looks once the doorbell rings). */
+static void submit_as(uint8_t *slot, uint32_t kind, int conn, size_t len, uint32_t seq) {
     *u32at(slot, GAIA_SLOT_KIND) = kind;
     *u32at(slot, GAIA_SLOT_CONN) = (uint32_t)conn;
     *u32at(slot, GAIA_SLOT_LEN) = (uint32_t)len;
     *u32at(slot, GAIA_SLOT_ORDER) = GAIA_NO_ORDER; /* the daemon's to set, with the result */
-    *u32at(slot, GAIA_SLOT_SEQ) = __atomic_fetch_add(u32at(seg, GAIA_HDR_SEQ), 1, __ATOMIC_RELAXED);
+    *u32at(slot, GAIA_SLOT_SEQ) = seq;
     __atomic_store_n(u32at(slot, GAIA_SLOT_STATE), GAIA_SLOT_SUBMITTED, __ATOMIC_RELEASE);
+}
+
+/* Sequence numbers for `n` submissions in a row: one thread's batch stays together in the log,
+ * so its inputs execute one after another instead of alternating with another thread's. */
+static uint32_t take_seqs(uint32_t n) { return __atomic_fetch_add(u32at(seg, GAIA_HDR_SEQ), n, __ATOMIC_RELAXED); }
+
+static void submit(uint8_t *slot, uint32_t kind, int conn, size_t len) {
+    submit_as(slot, kind, conn, len, take_seqs(1));
 }
 
 static void ring(void) {
@@ -606,7 +614,8 @@ static int fold_repeats(int epfd, struct epoll_event *ev, int n, int r) {
  * those inputs in one round, keep each for its connection's next read. */
 static void agree_ahead(int epfd, const struct epoll_event *ev, int r) {
     uint8_t *slots[GAIA_SLOTS];
-    int fds[GAIA_SLOTS], k = 0;
+    uint32_t lens[GAIA_SLOTS];
+    int fds[GAIA_SLOTS], conns[GAIA_SLOTS], k = 0;
     for (int i = 0; i < r && k < GAIA_SLOTS && n_ahead + k < AHEAD_MAX; i++) {
         if (!(ev[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) continue;
         int fd = event_fd(epfd, &ev[i]);
@@ -626,11 +635,14 @@ static void agree_ahead(int epfd, const struct epoll_event *ev, int r) {
             else if (e != EAGAIN && e != EWOULDBLOCK && e != EINTR) end_ahead(fd, e);
             continue;
         }
-        submit(slot, GAIA_KIND_DATA, conn, (size_t)n);
+        lens[k] = (uint32_t)n;
+        conns[k] = conn;
         slots[k] = slot;
         fds[k++] = fd;
     }
     if (k == 0) return;
+    uint32_t seq = take_seqs((uint32_t)k);
+    for (int j = 0; j < k; j++) submit_as(slots[j], GAIA_KIND_DATA, conns[j], lens[j], seq + (uint32_t)j);
     ring();
     for (int j = 0; j < k; j++) {
         uint32_t result = verdict(slots[j]);
