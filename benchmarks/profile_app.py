@@ -67,8 +67,8 @@ def server_pid(daemon: int, binary: str) -> int:
         pid = todo.pop()
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in map(int, (task / "children").read_text().split()):
-                argv0 = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0]
-                if Path(argv0.decode()).name == binary:
+                # comm, not argv: Redis rewrites its command line ("redis-server host:port")
+                if Path(f"/proc/{child}/comm").read_text().strip() == binary[:15]:
                     return child
                 todo.append(child)
     raise RuntimeError(f"no {binary} under replica daemon {daemon}")
