@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
@@ -174,6 +175,24 @@ class StandInDaemon:
         return [p for kind, p in self.taken if kind == L["GAIA_KIND_DATA"]]
 
 
+def _shut(
+    server: subprocess.Popen[str],
+    segment: AppSegment,
+    socks: Sequence[socket.socket] = (),
+    daemon: StandInDaemon | None = None,
+) -> None:
+    """A shim test's end: the test's connections, the server, the stand-in daemon, then the
+    segment."""
+    for sock in socks:
+        sock.close()
+    server.kill()
+    server.wait()
+    if daemon is not None:
+        daemon.stop.set()
+        daemon.thread.join(timeout=5)
+    segment.close()
+
+
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     got = b""
     while len(got) < n:
@@ -217,11 +236,7 @@ def test_input_agreed_at_epoll_wait_reaches_a_server_that_reads_less_of_it() -> 
         kinds = [kind for kind, _ in daemon.taken]
         assert kinds[0] == L["GAIA_KIND_CONNECT"] and kinds[-1] == L["GAIA_KIND_CLOSE"]
     finally:
-        server.kill()
-        server.wait()
-        daemon.stop.set()
-        daemon.thread.join(timeout=5)
-        segment.close()
+        _shut(server, segment, daemon=daemon)
 
 
 RECORDING_SERVER = EPOLL_SERVER + """
@@ -245,15 +260,6 @@ def _lines(stream: IO[str], count: int, timeout: float = 10.0) -> list[str]:
         raise AssertionError(
             f"the server printed fewer than {count} lines in {timeout:g} s"
         ) from None
-
-
-def _shut(server: subprocess.Popen[str], segment: AppSegment, socks: list[socket.socket]) -> None:
-    """A backup test's end: the replay connections, the server, then the segment."""
-    for sock in socks:
-        sock.close()
-    server.kill()
-    server.wait()
-    segment.close()
 
 
 def test_a_backup_server_reads_its_replay_connections_in_turn_order() -> None:
@@ -387,8 +393,4 @@ def test_a_leader_hands_over_inputs_in_log_order_once_the_one_before_has_execute
             assert daemon.data() == [b"a1", b"b1"]
             assert segment.counters()["out_of_order"] == 0
     finally:
-        server.kill()
-        server.wait()
-        daemon.stop.set()
-        daemon.thread.join(timeout=5)
-        segment.close()
+        _shut(server, segment, daemon=daemon)

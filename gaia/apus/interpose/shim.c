@@ -432,8 +432,7 @@ static void thread_is_back(void) {
     if (owes_turn) {
         owes_turn = 0;
         pthread_mutex_lock(&turn_lock);
-        turn_read = 0;
-        turn_left = 0;
+        turn_read = 0; /* (turn_left is 0: the turn was read in full) */
         __atomic_store_n(u32at(seg, GAIA_HDR_TURN_HEAD), ++turn_head, __ATOMIC_RELEASE);
         if (__atomic_load_n(&turn_waiters, __ATOMIC_ACQUIRE))
             futex(u32at(seg, GAIA_HDR_TURN_HEAD), FUTEX_WAKE, INT32_MAX, NULL);
@@ -460,7 +459,7 @@ static ssize_t agreed_input(int fd, int conn, size_t want, fill_fn fill, deliver
         return n;
     }
     uint32_t result = agree(slot, GAIA_KIND_DATA, conn, (size_t)n);
-    uint32_t order = result == GAIA_RESULT_LOST && daemon_gone ? GAIA_NO_ORDER : *u32at(slot, GAIA_SLOT_ORDER);
+    uint32_t order = *u32at(slot, GAIA_SLOT_ORDER); /* NO_ORDER unless the daemon numbered it */
     if (result == GAIA_RESULT_OK) {
         wait_order(order);
         deliver(slot + GAIA_SLOT_DATA, (size_t)n, ctx);
@@ -646,7 +645,7 @@ static void agree_ahead(int epfd, const struct epoll_event *ev, int r) {
     ring();
     for (int j = 0; j < k; j++) {
         uint32_t result = verdict(slots[j]);
-        uint32_t order = result == GAIA_RESULT_LOST && daemon_gone ? GAIA_NO_ORDER : *u32at(slots[j], GAIA_SLOT_ORDER);
+        uint32_t order = *u32at(slots[j], GAIA_SLOT_ORDER);
         if (result == GAIA_RESULT_OK) {
             hold_ahead(fds[j], slots[j] + GAIA_SLOT_DATA, *u32at(slots[j], GAIA_SLOT_LEN), order);
             count(GAIA_HDR_AHEAD, 1);
